@@ -1,0 +1,184 @@
+"""Wiring and lifecycle: one `Server(settings)` with start, stop and a `serve` entry point.
+
+Start order: the gRPC port opens first (health NOT_SERVING), models load and
+warm up, then health turns SERVING. Stop order on SIGTERM/SIGINT: health goes
+NOT_SERVING and new calls get UNAVAILABLE, in-flight calls get the grace
+period to finish, then the models drain and close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from pathlib import Path
+
+import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+from prometheus_client import start_http_server
+
+import cnnserve.v1
+from cnnserve.server.config import Settings
+from cnnserve.server.metrics import Metrics
+from cnnserve.server.registry import Registry
+from cnnserve.server.servicer import InferenceServicer
+from cnnserve.v1 import grpc_service_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+INFERENCE_SERVICE = "inference.GRPCInferenceService"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _reflection_pool() -> descriptor_pool.DescriptorPool:
+    """Our services' descriptors in a pool of their own (see proto/generate.py for why)."""
+    pool = descriptor_pool.DescriptorPool()
+    files = descriptor_pb2.FileDescriptorSet()
+    files.ParseFromString((Path(cnnserve.v1.__file__).parent / "descriptors.binpb").read_bytes())
+    for module in (health_pb2, reflection_pb2):
+        files.file.add().ParseFromString(module.DESCRIPTOR.serialized_pb)
+    for f in files.file:
+        pool.Add(f)
+    return pool
+
+
+class Server:
+    """The cnnserve process: gRPC services, model registry, metrics endpoint."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.health = health.aio.HealthServicer()
+        self.registry = Registry(
+            settings.repository,
+            default_queue=settings.max_queue_size,
+            metrics=self.metrics,
+            on_change=self._model_changed,
+        )
+        self.metrics.watch(self.registry.states)
+        self.inference = InferenceServicer(
+            self.registry, self.metrics, control_mode=settings.model_control_mode
+        )
+        self.grpc_port = 0
+        self.metrics_port = 0
+        self._grpc: grpc.aio.Server | None = None
+        self._http: object = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
+
+    def _model_changed(self, name: str, ready: bool) -> None:
+        task = asyncio.create_task(self.health.set(name, SERVING if ready else NOT_SERVING))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _grpc_options(self) -> list[tuple[str, int]]:
+        size = self.settings.max_message_bytes
+        return [
+            ("grpc.max_receive_message_length", size),
+            ("grpc.max_send_message_length", size),
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.max_connection_idle_ms", 15 * 60_000),
+            ("grpc.max_concurrent_streams", 1024),
+        ]
+
+    def _bind(self, server: grpc.aio.Server) -> int:
+        s = self.settings
+        address = f"{s.host}:{s.grpc_port}"
+        if s.tls_cert is None or s.tls_key is None:
+            return server.add_insecure_port(address)
+        ca = s.tls_client_ca.read_bytes() if s.tls_client_ca else None
+        credentials = grpc.ssl_server_credentials(
+            [(s.tls_key.read_bytes(), s.tls_cert.read_bytes())],
+            root_certificates=ca,
+            require_client_auth=ca is not None,
+        )
+        return server.add_secure_port(address, credentials)
+
+    async def start(self) -> None:
+        """Open the ports, load the models, then report SERVING."""
+        server = grpc.aio.server(options=self._grpc_options())
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.inference, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(names, server, pool=_reflection_pool())
+        self.grpc_port = self._bind(server)
+        await self.health.set("", NOT_SERVING)
+        await server.start()
+        self._grpc = server
+        if self.settings.metrics_port >= 0:
+            httpd, _ = start_http_server(
+                self.settings.metrics_port, self.settings.host, registry=self.metrics.registry
+            )
+            self._http = httpd
+            self.metrics_port = httpd.server_port
+        await self._load_initial()
+        self.inference.started = True
+        await self.health.set("", SERVING)
+        if self.settings.model_control_mode == "poll":
+            self._tasks.append(asyncio.create_task(self._poll_forever(), name="poll"))
+
+    async def _load_initial(self) -> None:
+        s = self.settings
+        if s.load_model:
+            names = list(s.load_model)
+        elif s.model_control_mode == "explicit":
+            names = []
+        else:
+            from cnnserve.server.repository import list_models
+
+            names = await asyncio.to_thread(list_models, s.repository)
+        await self.registry.load_many(names)
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.repository_poll_secs)
+            try:
+                await self.registry.poll()
+            except Exception:
+                log.exception("repository scan failed; trying again next interval")
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: refuse new calls, let in-flight ones finish, then close the models."""
+        grace = self.settings.grace_period_secs if grace is None else grace
+        self.inference.draining = True
+        await self.health.enter_graceful_shutdown()
+        for task in self._tasks:
+            task.cancel()
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        await self.registry.close()
+        if self._http is not None:
+            self._http.shutdown()  # type: ignore[attr-defined]
+            self._http.server_close()  # type: ignore[attr-defined]
+
+
+async def serve(settings: Settings) -> int:
+    """Run until SIGTERM or SIGINT, then drain and return 0."""
+    server = Server(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    for e in server.registry.index():
+        log.info("model %s version %s: %s %s", e.name, e.version or "-", e.state, e.reason)
+    for state in server.registry.states():
+        log.info("serving %s version %s on %s", state.model, state.version, state.provider)
+    log.info(
+        "listening: gRPC %s:%d, metrics %s",
+        settings.host,
+        server.grpc_port,
+        f"http://{settings.host}:{server.metrics_port}/metrics" if server._http else "off",
+    )
+    await stop.wait()
+    log.info("shutting down: draining for up to %.0fs", settings.grace_period_secs)
+    with contextlib.suppress(asyncio.CancelledError):
+        await server.stop()
+    log.info("stopped")
+    return 0

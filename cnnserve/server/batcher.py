@@ -1,0 +1,251 @@
+"""The dynamic batcher: a bounded queue of requests → batches → runners.
+
+One asyncio task per model version takes an idle runner, gathers queued rows
+until the batch is full, a preferred size is reached, or the oldest request has
+waited `max_queue_delay`, then hands the batch to the runner's thread and goes
+on gathering for the next idle runner. A request larger than the room left is
+split across batches; its rows come back as views of the batch outputs.
+Cancelled requests and requests past their deadline are dropped before compute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cnnserve.server.errors import DeadlineExceeded, ModelNotReady, QueueFull
+from cnnserve.server.runner import Runner, Timings
+
+
+@dataclass(frozen=True)
+class BatchingOptions:
+    max_batch_size: int  # 0: the model has no batch dimension
+    dynamic: bool = True  # False: each request runs alone, as Triton without dynamic_batching
+    max_queue_delay_ns: int = 0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_size: int = 1024
+
+
+@dataclass(frozen=True)
+class JobResult:
+    outputs: list[np.ndarray]  # in the batcher's output order, `rows` rows each
+    queue_ns: int
+    timings: Timings
+
+
+@dataclass(eq=False)
+class _Job:
+    inputs: dict[str, np.ndarray]
+    rows: int
+    deadline_ns: int | None
+    future: asyncio.Future[JobResult]
+    enqueued_ns: int
+    key: tuple[object, ...]
+    taken: int = 0
+    done: int = 0
+    queue_ns: int = -1
+    parts: list[tuple[int, list[np.ndarray]]] = field(default_factory=list)
+
+
+_Slice = tuple[_Job, int, int]  # job, first row, end row
+OnExecution = Callable[[int, Timings], None]
+
+
+class Batcher:
+    """Queue → batches → runners for one model version."""
+
+    def __init__(
+        self,
+        runners: Sequence[Runner],
+        output_names: Sequence[str],
+        options: BatchingOptions,
+        on_execution: OnExecution | None = None,
+    ) -> None:
+        self._runners = list(runners)
+        self._output_names = list(output_names)
+        self._opts = options
+        self._on_execution = on_execution
+        self._queue: deque[_Job] = deque()
+        self._queued_rows = 0
+        self._executing = 0
+        self._wakeup = asyncio.Event()
+        self._idle: asyncio.Queue[Runner] = asyncio.Queue()
+        for runner in self._runners:
+            self._idle.put_nowait(runner)
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def pending(self) -> int:
+        """Requests queued or executing."""
+        return len(self._queue) + self._executing
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="batcher")
+
+    async def submit(
+        self, inputs: dict[str, np.ndarray], rows: int, deadline_ns: int | None = None
+    ) -> JobResult:
+        """Queue one request and wait for its rows; cancelling the caller drops it."""
+        if self._closing:
+            raise ModelNotReady("the model version is being unloaded")
+        if len(self._queue) >= self._opts.max_queue_size:
+            raise QueueFull(f"queue is full ({self._opts.max_queue_size} requests)")
+        now = time.monotonic_ns()
+        key = tuple((name, a.shape[1:], a.dtype.str) for name, a in inputs.items())
+        job = _Job(inputs, rows, deadline_ns, asyncio.get_running_loop().create_future(), now, key)
+        self._queue.append(job)
+        self._queued_rows += rows
+        self._wakeup.set()
+        return await job.future
+
+    async def close(self) -> None:
+        """Stop taking requests, finish every queued and executing one, then return."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+        for _ in self._runners:
+            await self._idle.get()
+
+    async def _loop(self) -> None:
+        while True:
+            runner = await self._idle.get()
+            batch = await self._gather()
+            if not batch:
+                self._idle.put_nowait(runner)
+                return
+            self._launch(runner, batch)
+
+    def _limit(self) -> int:
+        """Rows to dispatch now, or 0 to keep waiting for more."""
+        most = max(1, self._opts.max_batch_size)
+        if self._closing or self._queued_rows >= most or not self._opts.dynamic:
+            return most
+        fitting = [p for p in self._opts.preferred_batch_sizes if p <= self._queued_rows]
+        if fitting:
+            return max(fitting)
+        waited = time.monotonic_ns() - self._queue[0].enqueued_ns
+        return most if waited >= self._opts.max_queue_delay_ns else 0
+
+    async def _gather(self) -> list[_Slice]:
+        while True:
+            self._drop_dead()
+            if not self._queue:
+                if self._closing:
+                    return []
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            limit = self._limit()
+            if limit:
+                batch = self._take(limit)
+                if batch:
+                    return batch
+                continue
+            remaining = self._queue[0].enqueued_ns + self._opts.max_queue_delay_ns
+            self._wakeup.clear()
+            try:
+                async with asyncio.timeout(max(0, remaining - time.monotonic_ns()) / 1e9):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                pass
+
+    def _drop_dead(self) -> None:
+        """Forget cancelled requests and fail expired ones, from the head of the queue."""
+        now = time.monotonic_ns()
+        while self._queue:
+            job = self._queue[0]
+            if job.deadline_ns is not None and now >= job.deadline_ns and not job.future.done():
+                job.future.set_exception(DeadlineExceeded("timed out while queued"))
+            if not job.future.done():
+                return
+            self._queue.popleft()
+            self._queued_rows -= job.rows - job.taken
+
+    def _take(self, limit: int) -> list[_Slice]:
+        batch: list[_Slice] = []
+        rows = 0
+        now = time.monotonic_ns()
+        while self._queue and rows < limit:
+            self._drop_dead()
+            if not self._queue or (batch and self._queue[0].key != batch[0][0].key):
+                break
+            job = self._queue[0]
+            count = min(job.rows - job.taken, limit - rows)
+            if job.queue_ns < 0:
+                job.queue_ns = now - job.enqueued_ns
+            batch.append((job, job.taken, job.taken + count))
+            job.taken += count
+            rows += count
+            self._queued_rows -= count
+            if job.taken < job.rows:
+                break
+            self._queue.popleft()
+            if not self._opts.dynamic:
+                break
+        return batch
+
+    def _launch(self, runner: Runner, batch: list[_Slice]) -> None:
+        self._executing += sum(1 for job, lo, _ in batch if lo == 0)
+        future = runner.submit(lambda: self._execute(runner, batch))
+        future.add_done_callback(lambda f: self._finish(runner, batch, f))
+
+    def _execute(self, runner: Runner, batch: list[_Slice]) -> tuple[list[np.ndarray], Timings]:
+        """In the runner's thread: one concatenation (none for a lone request), one run."""
+        t0 = time.perf_counter_ns()
+        job, lo, hi = batch[0]
+        if len(batch) == 1 and lo == 0 and hi == job.rows:
+            feeds = job.inputs
+        else:
+            feeds = {
+                name: np.concatenate([j.inputs[name][a:b] for j, a, b in batch])
+                for name in job.inputs
+            }
+        concat_ns = time.perf_counter_ns() - t0
+        outputs, t = runner.run(feeds, self._output_names)
+        return outputs, Timings(t.input_ns + concat_ns, t.infer_ns, t.output_ns)
+
+    def _finish(
+        self,
+        runner: Runner,
+        batch: list[_Slice],
+        future: asyncio.Future[tuple[list[np.ndarray], Timings]],
+    ) -> None:
+        self._idle.put_nowait(runner)
+        self._executing -= sum(1 for job, _, hi in batch if hi == job.rows)
+        error = future.exception()
+        if error is not None:
+            for job, _, _ in batch:
+                if not job.future.done():
+                    job.future.set_exception(error)
+            return
+        outputs, timings = future.result()
+        rows = sum(hi - lo for _, lo, hi in batch)
+        if self._on_execution is not None:
+            self._on_execution(rows, timings)
+        if self._opts.max_batch_size == 0:  # no batch dimension to split along
+            job = batch[0][0]
+            if not job.future.done():
+                job.future.set_result(JobResult(outputs, job.queue_ns, timings))
+            return
+        offset = 0
+        for job, lo, hi in batch:
+            n = hi - lo
+            job.parts.append((lo, [o[offset : offset + n] for o in outputs]))
+            offset += n
+            job.done += n
+            if job.done == job.rows and not job.future.done():
+                job.future.set_result(JobResult(_assemble(job), job.queue_ns, timings))
+
+
+def _assemble(job: _Job) -> list[np.ndarray]:
+    if len(job.parts) == 1:
+        return job.parts[0][1]
+    parts = [p for _, p in sorted(job.parts, key=lambda part: part[0])]
+    return [np.concatenate(columns) for columns in zip(*parts, strict=True)]

@@ -1,0 +1,126 @@
+"""The server's one typed settings object, built from CLI flags and `CNNSERVE_*` variables.
+
+Precedence: a flag on the command line, else its environment variable, else the
+default. Every field of `Settings` is one flag `--field-name` and one variable
+`CNNSERVE_FIELD_NAME`; lists are comma-separated in the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONTROL_MODES = ("none", "poll", "explicit")
+LOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True)
+class Settings:
+    repository: Path = field(
+        default=Path("model_repository"), metadata={"help": "model repository folder"}
+    )
+    host: str = field(default="0.0.0.0", metadata={"help": "address to bind"})
+    grpc_port: int = field(default=8001, metadata={"help": "gRPC port (0: any free port)"})
+    metrics_port: int = field(
+        default=8002, metadata={"help": "Prometheus /metrics port (-1: disabled, 0: any)"}
+    )
+    model_control_mode: str = field(
+        default="none", metadata={"help": "none | poll | explicit", "choices": CONTROL_MODES}
+    )
+    repository_poll_secs: float = field(
+        default=5.0, metadata={"help": "seconds between repository scans in poll mode"}
+    )
+    load_model: tuple[str, ...] = field(
+        default=(), metadata={"help": "model to load at start (repeatable; default: all)"}
+    )
+    max_message_bytes: int = field(
+        default=256 * 1024 * 1024, metadata={"help": "largest gRPC message, sent or received"}
+    )
+    grace_period_secs: float = field(
+        default=30.0, metadata={"help": "time in-flight requests get to finish on shutdown"}
+    )
+    max_queue_size: int = field(
+        default=1024, metadata={"help": "queue bound for models whose config sets none"}
+    )
+    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING, ERROR"})
+    log_format: str = field(
+        default="text", metadata={"help": "text | json", "choices": LOG_FORMATS}
+    )
+    tls_cert: Path | None = field(default=None, metadata={"help": "server certificate (PEM)"})
+    tls_key: Path | None = field(default=None, metadata={"help": "server private key (PEM)"})
+    tls_client_ca: Path | None = field(
+        default=None, metadata={"help": "CA for client certificates (enables mutual TLS)"}
+    )
+
+    def validate(self) -> None:
+        if self.model_control_mode not in CONTROL_MODES:
+            raise ValueError(f"model control mode must be one of {', '.join(CONTROL_MODES)}")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        if self.max_queue_size < 1:
+            raise ValueError("--max-queue-size must be at least 1")
+
+
+def _env_name(name: str) -> str:
+    return f"CNNSERVE_{name.upper()}"
+
+
+def _converter(f: dataclasses.Field[Any]) -> Any:
+    kind = str(f.type)
+    if "tuple" in kind:
+        return str
+    if "Path" in kind:
+        return Path
+    if kind == "int":
+        return int
+    if kind == "float":
+        return float
+    return str
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field; defaults stay None so that the environment can fill them."""
+    for f in dataclasses.fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} [{_env_name(f.name)}]"
+        if "tuple" in str(f.type):
+            parser.add_argument(flag, action="append", default=None, help=help_text)
+        else:
+            parser.add_argument(
+                flag,
+                type=_converter(f),
+                default=None,
+                choices=f.metadata.get("choices"),
+                help=help_text,
+            )
+
+
+def from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from parsed flags, falling back on `CNNSERVE_*` variables, then defaults."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        value = getattr(args, f.name, None)
+        if value is None and _env_name(f.name) in env:
+            raw = env[_env_name(f.name)]
+            if "tuple" in str(f.type):
+                value = [v.strip() for v in raw.split(",") if v.strip()]
+            else:
+                try:
+                    value = _converter(f)(raw)
+                except ValueError as exc:
+                    raise ValueError(f"{_env_name(f.name)}={raw!r}: {exc}") from exc
+        if value is not None:
+            values[f.name] = tuple(value) if "tuple" in str(f.type) else value
+    settings = Settings(**values)
+    settings.validate()
+    return settings

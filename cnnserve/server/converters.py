@@ -1,0 +1,277 @@
+"""Open Inference Protocol messages ↔ numpy arrays, with validation.
+
+Inputs are taken zero-copy from `raw_input_contents` (np.frombuffer); typed
+`contents` are accepted too, but never both in one request. Sizes are checked
+against the declared shape before anything is allocated. Outputs are always
+answered raw, since tritonclient reads only `raw_output_contents`.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from cnnserve.server.errors import InvalidInput
+from cnnserve.server.stats import Duration, VersionStats
+from cnnserve.server.tensors import TensorSpec, element_size, from_numpy, numpy_dtype
+from cnnserve.v1 import inference_pb2 as pb
+
+# datatype -> the InferTensorContents field that carries it in typed form
+_TYPED_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+MAX_ELEMENTS = 1 << 31
+
+
+@dataclass(frozen=True)
+class DecodedRequest:
+    inputs: dict[str, np.ndarray]
+    rows: int  # batch size; 1 for a model without a batch dimension
+    outputs: list[tuple[str, int]]  # (output name, classification count or 0)
+    timeout_us: int | None
+
+
+def _param_int(param: pb.InferParameter, name: str, kinds: Sequence[str]) -> int:
+    kind = param.WhichOneof("parameter_choice")
+    if kind not in kinds:
+        raise InvalidInput(f"parameter {name!r} must be {' or '.join(kinds)}, not {kind}")
+    value = int(getattr(param, kind))
+    if value < 0:
+        raise InvalidInput(f"parameter {name!r} must not be negative")
+    return value
+
+
+def _check_shape(
+    tensor: pb.ModelInferRequest.InferInputTensor, spec: TensorSpec
+) -> tuple[int, ...]:
+    shape = tuple(tensor.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidInput(f"input {spec.name!r}: negative dimension in shape {list(shape)}")
+    if not spec.matches(shape):
+        raise InvalidInput(
+            f"input {spec.name!r}: shape {list(shape)} does not match "
+            f"the model's {list(spec.shape)}"
+        )
+    if math.prod(shape) > MAX_ELEMENTS:
+        raise InvalidInput(f"input {spec.name!r}: shape {list(shape)} is too large")
+    return shape
+
+
+def _from_raw(raw: bytes, spec: TensorSpec, shape: tuple[int, ...]) -> np.ndarray:
+    count = math.prod(shape)
+    if spec.datatype == "BYTES":
+        return np.array(_split_bytes(raw, count, spec.name), dtype=np.object_).reshape(shape)
+    want = count * element_size(spec.datatype)
+    if len(raw) != want:
+        raise InvalidInput(
+            f"input {spec.name!r}: {len(raw)} bytes of raw data, expected {want} for shape "
+            f"{list(shape)} of {spec.datatype}"
+        )
+    return np.frombuffer(raw, dtype=numpy_dtype(spec.datatype)).reshape(shape)
+
+
+def _split_bytes(raw: bytes, count: int, name: str) -> list[bytes]:
+    """BYTES in raw form: each element is a 4-byte little-endian length, then the bytes."""
+    items, at = [], 0
+    for _ in range(count):
+        if at + 4 > len(raw):
+            raise InvalidInput(f"input {name!r}: BYTES data ends inside a length prefix")
+        (n,) = struct.unpack_from("<I", raw, at)
+        at += 4
+        if at + n > len(raw):
+            raise InvalidInput(f"input {name!r}: BYTES element runs past the end of the data")
+        items.append(raw[at : at + n])
+        at += n
+    if at != len(raw):
+        raise InvalidInput(f"input {name!r}: {len(raw) - at} bytes left after {count} elements")
+    return items
+
+
+def _from_typed(
+    contents: pb.InferTensorContents, spec: TensorSpec, shape: tuple[int, ...]
+) -> np.ndarray:
+    field = _TYPED_FIELD.get(spec.datatype)
+    if field is None:
+        raise InvalidInput(f"input {spec.name!r}: {spec.datatype} must be sent as raw data")
+    values = getattr(contents, field)
+    count = math.prod(shape)
+    if len(values) != count:
+        raise InvalidInput(
+            f"input {spec.name!r}: {len(values)} values in {field}, expected {count}"
+        )
+    try:
+        return np.array(values, dtype=numpy_dtype(spec.datatype)).reshape(shape)
+    except (OverflowError, ValueError) as exc:
+        raise InvalidInput(f"input {spec.name!r}: {exc}") from exc
+
+
+def _outputs(request: pb.ModelInferRequest, specs: Sequence[TensorSpec]) -> list[tuple[str, int]]:
+    known = {s.name for s in specs}
+    if not request.outputs:
+        return [(s.name, 0) for s in specs]
+    chosen = []
+    for out in request.outputs:
+        if out.name not in known:
+            raise InvalidInput(f"unknown output {out.name!r}; the model has {sorted(known)}")
+        count = 0
+        if "classification" in out.parameters:
+            count = _param_int(
+                out.parameters["classification"], "classification", ["int64_param", "uint64_param"]
+            )
+            if count < 1:
+                raise InvalidInput("parameter 'classification' must be at least 1")
+        chosen.append((out.name, count))
+    return chosen
+
+
+def _decode_inputs(
+    request: pb.ModelInferRequest, inputs: Sequence[TensorSpec]
+) -> dict[str, np.ndarray]:
+    specs = {s.name: s for s in inputs}
+    raw = request.raw_input_contents
+    if raw and any(t.HasField("contents") for t in request.inputs):
+        raise InvalidInput(
+            "a request carries either raw_input_contents or typed contents, not both"
+        )
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
+    arrays: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(request.inputs):
+        spec = specs.get(tensor.name)
+        if spec is None:
+            raise InvalidInput(f"unknown input {tensor.name!r}; the model has {sorted(specs)}")
+        if tensor.name in arrays:
+            raise InvalidInput(f"input {tensor.name!r} given twice")
+        if tensor.datatype != spec.datatype:
+            raise InvalidInput(
+                f"input {spec.name!r}: datatype {tensor.datatype!r}, expected {spec.datatype}"
+            )
+        shape = _check_shape(tensor, spec)
+        arrays[tensor.name] = (
+            _from_raw(raw[i], spec, shape) if raw else _from_typed(tensor.contents, spec, shape)
+        )
+    missing = sorted(set(specs) - set(arrays))
+    if missing:
+        raise InvalidInput(f"missing inputs {missing}")
+    return arrays
+
+
+def _batch_rows(arrays: dict[str, np.ndarray], max_batch_size: int) -> int:
+    if max_batch_size == 0:
+        return 1
+    sizes = {a.shape[0] for a in arrays.values()}
+    if len(sizes) != 1:
+        raise InvalidInput(f"inputs disagree on the batch size: {sorted(sizes)}")
+    rows = int(sizes.pop())
+    if rows < 1 or rows > max_batch_size:
+        raise InvalidInput(f"batch size {rows} is outside 1..{max_batch_size}")
+    return rows
+
+
+def decode_request(
+    request: pb.ModelInferRequest,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    max_batch_size: int,
+) -> DecodedRequest:
+    """Validate a ModelInferRequest against the model and return its arrays."""
+    arrays = _decode_inputs(request, inputs)
+    rows = _batch_rows(arrays, max_batch_size)
+    timeout_us = None
+    if "timeout" in request.parameters:
+        timeout_us = _param_int(
+            request.parameters["timeout"], "timeout", ["int64_param", "uint64_param"]
+        )
+    if "priority" in request.parameters:
+        _param_int(request.parameters["priority"], "priority", ["uint64_param", "int64_param"])
+    return DecodedRequest(arrays, rows, _outputs(request, outputs), timeout_us)
+
+
+def _bytes_tensor(items: Sequence[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+
+
+def classify_rows(scores: np.ndarray, count: int, labels: Sequence[str]) -> list[list[bytes]]:
+    """Triton's classification extension: the top `count` of each row as b"score:index:label"."""
+    flat = scores.reshape(scores.shape[0], -1) if scores.ndim > 1 else scores.reshape(1, -1)
+    count = min(count, flat.shape[1])
+    top = np.argsort(-flat, axis=1, kind="stable")[:, :count]
+    rows = []
+    for row, indices in zip(flat, top, strict=True):
+        entries = []
+        for i in indices:
+            label = f":{labels[i]}" if i < len(labels) else ""
+            entries.append(f"{row[i]:f}:{i}{label}".encode())
+        rows.append(entries)
+    return rows
+
+
+def encode_response(
+    response: pb.ModelInferResponse,
+    decoded: DecodedRequest,
+    arrays: dict[str, np.ndarray],
+    labels: dict[str, list[str]],
+    batched: bool,
+) -> None:
+    """Fill the response's outputs, all in raw form, in the order they were requested."""
+    for name, count in decoded.outputs:
+        array = arrays[name]
+        out = response.outputs.add()
+        out.name = name
+        if count:
+            rows = classify_rows(
+                array if batched else array[np.newaxis], count, labels.get(name, [])
+            )
+            out.datatype = "BYTES"
+            out.shape.extend([len(rows), len(rows[0])] if batched else [len(rows[0])])
+            response.raw_output_contents.append(_bytes_tensor([b for r in rows for b in r]))
+            continue
+        out.datatype = from_numpy(array.dtype)
+        out.shape.extend(array.shape)
+        response.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
+
+
+def _duration(target: pb.StatisticDuration, source: Duration) -> None:
+    target.count = source.count
+    target.ns = source.ns
+
+
+def encode_statistics(
+    target: pb.ModelStatistics, name: str, version: str, stats: VersionStats
+) -> None:
+    """Fill Triton's ModelStatistics from our cumulative figures."""
+    target.name = name
+    target.version = version
+    target.last_inference = stats.last_inference_ms
+    target.inference_count = stats.inference_count
+    target.execution_count = stats.execution_count
+    s = target.inference_stats
+    for field_name in (
+        "success",
+        "fail",
+        "queue",
+        "compute_input",
+        "compute_infer",
+        "compute_output",
+    ):
+        _duration(getattr(s, field_name), getattr(stats, field_name))
+    for size, b in sorted(stats.batches.items()):
+        entry = target.batch_stats.add(batch_size=size)
+        _duration(entry.compute_input, b.compute_input)
+        _duration(entry.compute_infer, b.compute_infer)
+        _duration(entry.compute_output, b.compute_output)

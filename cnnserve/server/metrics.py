@@ -1,0 +1,158 @@
+"""Prometheus metrics, one registry per server (two servers in one process stay apart).
+
+Histograms and counters are observed as requests pass; the gauges that
+describe state (pending requests, readiness, load time, provider) are read
+from the registry of models at scrape time, so they are exact and a model
+that is unloaded leaves no stale series.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+# 50 µs .. 30 s, roughly ×2.5 apart.
+DURATION_BUCKETS = (
+    5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+VERSION_LABELS = ("model", "version")
+
+
+@dataclass(frozen=True)
+class VersionState:
+    """What the scrape-time collector reads about one loaded (or failed) version."""
+
+    model: str
+    version: str
+    ready: bool
+    pending: int
+    load_seconds: float
+    provider: str
+
+
+class _StateCollector(Collector):
+    def __init__(self, states: Callable[[], Iterable[VersionState]]) -> None:
+        self._states = states
+
+    def collect(self) -> Iterator[Metric]:
+        pending = GaugeMetricFamily(
+            "cnnserve_inference_pending_requests",
+            "Requests queued or executing.",
+            labels=VERSION_LABELS,
+        )
+        ready = GaugeMetricFamily(
+            "cnnserve_model_ready", "1 when the version serves requests.", labels=VERSION_LABELS
+        )
+        load = GaugeMetricFamily(
+            "cnnserve_model_load_duration_seconds",
+            "Time to create the sessions and warm them up.",
+            labels=VERSION_LABELS,
+        )
+        provider = InfoMetricFamily(
+            "cnnserve_model_execution_provider",
+            "The onnxruntime execution provider in use.",
+            labels=VERSION_LABELS,
+        )
+        for s in self._states():
+            pending.add_metric([s.model, s.version], s.pending)
+            ready.add_metric([s.model, s.version], 1.0 if s.ready else 0.0)
+            load.add_metric([s.model, s.version], s.load_seconds)
+            if s.provider:
+                provider.add_metric([s.model, s.version], {"provider": s.provider})
+        yield from (pending, ready, load, provider)
+
+
+class Metrics:
+    """The metric families of one server; see the README's Metrics section."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "cnnserve_inference_requests",
+            "Inference requests by outcome (success, or the gRPC status code name).",
+            [*VERSION_LABELS, "outcome"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "cnnserve_inference_request_duration_seconds",
+            "Time from arrival to answer, for each inference request.",
+            VERSION_LABELS,
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.queue_duration = Histogram(
+            "cnnserve_inference_queue_duration_seconds",
+            "Time a request waited in the batcher's queue.",
+            VERSION_LABELS,
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.compute_duration = Histogram(
+            "cnnserve_inference_compute_duration_seconds",
+            "Time of one batch execution: inputs, inference, outputs.",
+            VERSION_LABELS,
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.preprocess_duration = Histogram(
+            "cnnserve_inference_preprocess_duration_seconds",
+            "Time to decode and preprocess one image for Classify.",
+            VERSION_LABELS,
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "cnnserve_inference_batch_size",
+            "Rows in each executed batch.",
+            VERSION_LABELS,
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.executions = Counter(
+            "cnnserve_inference_executions",
+            "Model executions (one per batch).",
+            VERSION_LABELS,
+            registry=r,
+        )
+        self.grpc_requests = Counter(
+            "cnnserve_grpc_requests",
+            "gRPC calls by method and status code.",
+            ["method", "code"],
+            registry=r,
+        )
+        self._labelled = (
+            self.request_duration,
+            self.queue_duration,
+            self.compute_duration,
+            self.preprocess_duration,
+            self.batch_size,
+            self.executions,
+        )
+
+    def watch(self, states: Callable[[], Iterable[VersionState]]) -> None:
+        """Publish the registry's state gauges, read at each scrape."""
+        self.registry.register(_StateCollector(states))
+
+    def forget(self, model: str, version: str) -> None:
+        """Drop an unloaded version's series so that none go stale."""
+        for family in self._labelled:
+            with contextlib.suppress(KeyError):
+                family.remove(model, version)
+        for outcome in _outcomes(self.requests, model, version):
+            self.requests.remove(model, version, outcome)
+
+
+def _outcomes(counter: Counter, model: str, version: str) -> list[str]:
+    return [
+        labels[2]
+        for labels in list(counter._metrics)  # prometheus_client exposes no public listing
+        if labels[0] == model and labels[1] == version
+    ]

@@ -1,0 +1,215 @@
+"""One loaded model version: its sessions, its batcher, its statistics.
+
+Loading is blocking (sessions are created and warmed up) and runs off the
+event loop; the version is READY only afterwards. The config is completed
+from the ONNX graph where it is silent and checked against it where it speaks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from cnnserve.server.batcher import Batcher, BatchingOptions, JobResult
+from cnnserve.server.errors import ModelLoadError
+from cnnserve.server.metrics import Metrics, VersionState
+from cnnserve.server.repository import ModelSource
+from cnnserve.server.runner import Runner, RunnerOptions, Timings
+from cnnserve.server.stats import VersionStats
+from cnnserve.server.tensors import (
+    TensorSpec,
+    config_enum,
+    from_config_enum,
+    from_onnx_type,
+    numpy_dtype,
+)
+from cnnserve.v1 import model_config_pb2 as mc
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BATCH_SIZE = 32  # for a config-less model whose graph has a dynamic batch axis
+_KINDS = {mc.ModelInstanceGroup.KIND_CPU: "cpu", mc.ModelInstanceGroup.KIND_GPU: "gpu"}
+
+
+def _onnx_dims(shape: list[object]) -> tuple[int, ...]:
+    return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in shape)
+
+
+def _complete(config: mc.ModelConfig, kind: str, graph: list[Any]) -> list[TensorSpec]:
+    """Fill config inputs/outputs from the graph if absent, else check them; return specs."""
+    declared = config.input if kind == "input" else config.output
+    by_name = {arg.name: arg for arg in graph}
+    if not declared:
+        for arg in graph:
+            entry = declared.add()
+            entry.name = arg.name
+            datatype = from_onnx_type(arg.type)
+            if datatype is None:
+                raise ModelLoadError(f"{kind} {arg.name!r} has unsupported type {arg.type}")
+            entry.data_type = config_enum(datatype)
+            dims = _onnx_dims(arg.shape)
+            entry.dims.extend(dims[1:] if config.max_batch_size > 0 else dims)
+    batch = (-1,) if config.max_batch_size > 0 else ()
+    specs = []
+    for entry in declared:
+        if entry.name not in by_name:
+            raise ModelLoadError(f"config {kind} {entry.name!r} is not in the ONNX model")
+        arg = by_name[entry.name]
+        datatype = from_config_enum(entry.data_type)
+        if datatype is None or from_onnx_type(arg.type) != datatype:
+            raise ModelLoadError(f"{kind} {entry.name!r}: config type does not match {arg.type}")
+        shape = batch + tuple(entry.dims)
+        graph_dims = _onnx_dims(arg.shape)
+        if len(graph_dims) != len(shape) or any(
+            g not in (-1, c) for g, c in zip(graph_dims, shape, strict=True)
+        ):
+            raise ModelLoadError(
+                f"{kind} {entry.name!r}: config shape {list(shape)} does not match the ONNX "
+                f"model's {list(graph_dims)}"
+            )
+        specs.append(TensorSpec(entry.name, datatype, shape))
+    if kind == "input" and len(declared) != len(graph):
+        missing = sorted(set(by_name) - {e.name for e in declared})
+        raise ModelLoadError(f"the config does not declare ONNX inputs {missing}")
+    return specs
+
+
+def _batching(config: mc.ModelConfig, default_queue: int) -> BatchingOptions:
+    db = config.dynamic_batching
+    dynamic = config.HasField("dynamic_batching") and config.max_batch_size > 0
+    policy = db.default_queue_policy
+    return BatchingOptions(
+        max_batch_size=config.max_batch_size,
+        dynamic=dynamic,
+        max_queue_delay_ns=db.max_queue_delay_microseconds * 1000,
+        preferred_batch_sizes=tuple(
+            sorted(p for p in db.preferred_batch_size if 0 < p <= config.max_batch_size)
+        ),
+        max_queue_size=policy.max_queue_size or default_queue,
+    )
+
+
+class ModelVersion:
+    """A ready-to-serve version; `infer` is the one entry for ModelInfer and Classify."""
+
+    def __init__(self, source: ModelSource, version: int, *, default_queue: int) -> None:
+        started = time.perf_counter()
+        self.name = source.name
+        self.version = version
+        self.config = mc.ModelConfig()
+        self.config.CopyFrom(source.config)
+        self.labels = source.labels
+        self.parameters = {k: v.string_value for k, v in self.config.parameters.items()}
+        self.stats = VersionStats()
+        self._in_use = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.runners = self._create_runners(source, version)
+        try:
+            self._describe()
+            self.batching = _batching(self.config, default_queue)
+            self._warm_up()
+        except BaseException:
+            self._close_runners()
+            raise
+        self.provider = self.runners[0].provider
+        self.load_seconds = time.perf_counter() - started
+        self.batcher: Batcher | None = None
+
+    def _create_runners(self, source: ModelSource, version: int) -> list[Runner]:
+        groups = list(self.config.instance_group) or [mc.ModelInstanceGroup(count=1)]
+        runners: list[Runner] = []
+        total = sum(max(1, g.count) for g in groups)
+        try:
+            for g in groups:
+                device = _KINDS.get(g.kind, "auto")
+                options = RunnerOptions.from_parameters(
+                    self.parameters, device=device, gpu_id=(g.gpus or [0])[0], instances=total
+                )
+                for _ in range(max(1, g.count)):
+                    label = f"{self.name}:{version}#{len(runners)}"
+                    runners.append(Runner(source.versions[version], options, label=label))
+        except BaseException:
+            for r in runners:
+                r.close()
+            raise
+        return runners
+
+    def _describe(self) -> None:
+        graph_inputs = list(self.runners[0].inputs)
+        if not self.config.input and self.config.max_batch_size == 0:
+            axes = [a.shape[0] if a.shape else 1 for a in graph_inputs]
+            if axes and all(not isinstance(d, int) for d in axes):
+                self.config.max_batch_size = DEFAULT_MAX_BATCH_SIZE
+                self.config.dynamic_batching.SetInParent()
+        self.inputs = _complete(self.config, "input", graph_inputs)
+        self.outputs = _complete(self.config, "output", list(self.runners[0].outputs))
+        self.output_names = [o.name for o in self.outputs]
+
+    def _warm_up(self) -> None:
+        """Run each session once so the first request does not pay for lazy initialisation."""
+        rows = 1 if self.config.max_batch_size > 0 else None
+        feeds = {}
+        for spec in self.inputs:
+            if spec.datatype == "BYTES":
+                return
+            shape = [1 if d < 0 else d for d in spec.shape]
+            if rows is not None:
+                shape[0] = rows
+            feeds[spec.name] = np.zeros(shape, dtype=numpy_dtype(spec.datatype))
+        for runner in self.runners:
+            runner.run(feeds, self.output_names)
+
+    def start(self, metrics: Metrics | None) -> None:
+        """Start the batcher on the running event loop."""
+        labels = (self.name, str(self.version))
+
+        def on_execution(rows: int, t: Timings) -> None:
+            self.stats.record_execution(rows, t)
+            if metrics is not None:
+                metrics.batch_size.labels(*labels).observe(rows)
+                metrics.executions.labels(*labels).inc()
+                metrics.compute_duration.labels(*labels).observe(
+                    (t.input_ns + t.infer_ns + t.output_ns) / 1e9
+                )
+
+        self.batcher = Batcher(self.runners, self.output_names, self.batching, on_execution)
+        self.batcher.start()
+
+    async def infer(
+        self, inputs: Mapping[str, np.ndarray], rows: int, deadline_ns: int | None
+    ) -> JobResult:
+        assert self.batcher is not None, "start() first"
+        return await self.batcher.submit(dict(inputs), rows, deadline_ns)
+
+    def acquire(self) -> None:
+        """Mark one caller using this version; `close` waits until every caller released it."""
+        self._in_use += 1
+        self._idle.clear()
+
+    def release(self) -> None:
+        self._in_use -= 1
+        if self._in_use == 0:
+            self._idle.set()
+
+    def state(self) -> VersionState:
+        pending = self.batcher.pending if self.batcher is not None else 0
+        return VersionState(
+            self.name, str(self.version), True, pending, self.load_seconds, self.provider
+        )
+
+    async def close(self) -> None:
+        """Drain: wait for callers, finish queued work, then free the sessions."""
+        await self._idle.wait()
+        if self.batcher is not None:
+            await self.batcher.close()
+        await asyncio.get_running_loop().run_in_executor(None, self._close_runners)
+
+    def _close_runners(self) -> None:
+        for runner in self.runners:
+            runner.close()

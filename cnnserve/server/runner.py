@@ -1,0 +1,182 @@
+"""One onnxruntime session on one device, with the one thread that runs it.
+
+Providers are chosen in the order TensorRT (opt-in), CUDA, CPU. What
+onnxruntime lists as available is what was compiled in, not what works, so the
+provider in use is read back from the session after it is created. With CUDA,
+inputs are bound from host memory and outputs stay on the device until one
+copy back (IO binding).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import onnxruntime as ort
+
+from cnnserve.server.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# onnxruntime's default logger reports a missing CUDA library as an error at session
+# creation; our own warning says which provider runs instead.
+ort.set_default_logger_severity(4)
+
+CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+_GRAPH_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    """Session settings, from the model config's instance_group and parameters."""
+
+    device: str = "auto"  # auto | cpu | gpu
+    gpu_id: int = 0
+    tensorrt: bool = False
+    intra_op_threads: int = 0  # 0: onnxruntime decides
+    inter_op_threads: int = 0
+    graph_optimization: str = "all"
+
+    @classmethod
+    def from_parameters(
+        cls, params: Mapping[str, str], *, device: str, gpu_id: int, instances: int
+    ) -> RunnerOptions:
+        def number(key: str, default: int) -> int:
+            try:
+                return int(params.get(key, default))
+            except ValueError as exc:
+                raise ModelLoadError(f"parameter {key} must be an integer") from exc
+
+        # Several runners share the cores: split them rather than oversubscribe.
+        cores = os.cpu_count() or 1
+        default_intra = 0 if instances <= 1 else max(1, cores // instances)
+        level = params.get("graph_optimization_level", "all")
+        if level not in _GRAPH_LEVELS:
+            raise ModelLoadError(f"graph_optimization_level must be one of {sorted(_GRAPH_LEVELS)}")
+        return cls(
+            device=device,
+            gpu_id=gpu_id,
+            tensorrt=params.get("tensorrt", "false").lower() == "true",
+            intra_op_threads=number("intra_op_threads", default_intra),
+            inter_op_threads=number("inter_op_threads", 0),
+            graph_optimization=level,
+        )
+
+
+@functools.cache
+def _load_cuda_libraries() -> None:
+    """Load CUDA and cuDNN from the nvidia-* wheels, where the process would not find them."""
+    if hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()
+        except Exception as exc:  # missing libraries: the CPU fallback says so later
+            log.debug("preloading CUDA libraries failed: %s", exc)
+
+
+def _providers(options: RunnerOptions) -> list[str | tuple[str, dict[str, object]]]:
+    compiled_in = set(ort.get_available_providers())
+    chosen: list[str | tuple[str, dict[str, object]]] = []
+    if options.device != "cpu" and CUDA in compiled_in and Path("/dev/nvidiactl").exists():
+        _load_cuda_libraries()
+    if options.device != "cpu":
+        if options.tensorrt and TENSORRT in compiled_in:
+            chosen.append((TENSORRT, {"device_id": options.gpu_id}))
+        if CUDA in compiled_in:
+            chosen.append((CUDA, {"device_id": options.gpu_id}))
+    chosen.append(CPU)
+    return chosen
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Nanoseconds spent preparing inputs, executing, and extracting outputs."""
+
+    input_ns: int
+    infer_ns: int
+    output_ns: int
+
+
+class Runner:
+    """An onnxruntime session and its worker thread; `run` executes one batch."""
+
+    def __init__(self, model_path: Path, options: RunnerOptions, *, label: str) -> None:
+        self.label = label
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = options.intra_op_threads
+        so.inter_op_num_threads = options.inter_op_threads
+        so.graph_optimization_level = _GRAPH_LEVELS[options.graph_optimization]
+        so.log_severity_level = 3  # our own log says which provider runs
+        wanted = _providers(options)
+        try:
+            self._session = ort.InferenceSession(str(model_path), so, providers=wanted)
+        except Exception as exc:  # onnxruntime raises its own exception types for bad models
+            if len(wanted) == 1:
+                raise ModelLoadError(f"onnxruntime cannot load {model_path.name}: {exc}") from exc
+            log.warning("%s: accelerated providers failed (%s); using the CPU", label, exc)
+            try:
+                self._session = ort.InferenceSession(str(model_path), so, providers=[CPU])
+            except Exception as cpu_exc:
+                raise ModelLoadError(
+                    f"onnxruntime cannot load {model_path.name}: {cpu_exc}"
+                ) from cpu_exc
+        self.provider = self._session.get_providers()[0]
+        first_wanted = wanted[0] if isinstance(wanted[0], str) else wanted[0][0]
+        if self.provider != first_wanted:
+            log.warning(
+                "%s: %s is not usable here; running on %s", label, first_wanted, self.provider
+            )
+        self._device_id = options.gpu_id
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"runner-{label}")
+
+    @property
+    def inputs(self) -> Sequence[ort.NodeArg]:
+        return self._session.get_inputs()
+
+    @property
+    def outputs(self) -> Sequence[ort.NodeArg]:
+        return self._session.get_outputs()
+
+    def run(
+        self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str]
+    ) -> tuple[list[np.ndarray], Timings]:
+        """Execute one batch in the calling thread (the runner's own, via `submit`)."""
+        t0 = time.perf_counter_ns()
+        if self.provider in (CUDA, TENSORRT):
+            binding = self._session.io_binding()
+            for name, array in feeds.items():
+                binding.bind_cpu_input(name, np.ascontiguousarray(array))
+            for name in output_names:
+                binding.bind_output(name, "cuda", self._device_id)
+            t1 = time.perf_counter_ns()
+            self._session.run_with_iobinding(binding)
+            t2 = time.perf_counter_ns()
+            results = list(binding.copy_outputs_to_cpu())
+        else:
+            t1 = time.perf_counter_ns()
+            results = self._session.run(list(output_names), dict(feeds))
+            t2 = time.perf_counter_ns()
+        t3 = time.perf_counter_ns()
+        return results, Timings(t1 - t0, t2 - t1, t3 - t2)
+
+    def submit(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """Run `fn` on this runner's thread; the event loop never blocks on compute."""
+        return asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        del self._session

@@ -1,0 +1,85 @@
+"""Domain errors → gRPC status codes, applied once, around every handler.
+
+`rpc` wraps a unary handler: it refuses calls while the server drains, maps
+each CnnserveError to its status with the error's message, turns anything
+else into INTERNAL with a generic message (the traceback goes to the log),
+and counts every call by method and final code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+import grpc
+
+from cnnserve.server import errors
+from cnnserve.server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+CODES: dict[type[errors.CnnserveError], grpc.StatusCode] = {
+    errors.ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.ModelNotReady: grpc.StatusCode.UNAVAILABLE,
+    errors.ServerDraining: grpc.StatusCode.UNAVAILABLE,
+    errors.ModelLoadError: grpc.StatusCode.UNAVAILABLE,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.NotAllowed: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.Unsupported: grpc.StatusCode.UNIMPLEMENTED,
+}
+
+
+def code_for(exc: errors.CnnserveError) -> grpc.StatusCode:
+    for cls in type(exc).__mro__:
+        if cls in CODES:
+            return CODES[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+class Guarded(Protocol):
+    """What `rpc` needs from the servicer it decorates."""
+
+    metrics: Metrics | None
+    draining: bool
+
+
+S = TypeVar("S", bound=Guarded)
+Handler = Callable[[S, Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def rpc(method: str) -> Callable[[Handler[S]], Handler[S]]:
+    def wrap(handler: Handler[S]) -> Handler[S]:
+        @functools.wraps(handler)
+        async def guarded(self: S, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            code = grpc.StatusCode.OK
+            try:
+                if self.draining:
+                    raise errors.ServerDraining("the server is shutting down")
+                return await handler(self, request, context)
+            except errors.CnnserveError as exc:
+                code = code_for(exc)
+                await context.abort(code, str(exc))
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except Exception:
+                log.exception("%s failed", method)
+                code = grpc.StatusCode.INTERNAL
+                await context.abort(code, f"internal error in {method}; see the server log")
+            finally:
+                if self.metrics is not None:
+                    self.metrics.grpc_requests.labels(method, code.name).inc()
+
+        return guarded
+
+    return wrap

@@ -1,0 +1,47 @@
+"""Tiny hand-made ONNX models for edge cases the real CNNs cannot reach quickly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+TINY_WEIGHTS = (np.arange(12, dtype=np.float32).reshape(4, 3) - 5) / 10
+TINY_CONFIG = """
+max_batch_size: 8
+input { name: "x" data_type: TYPE_FP32 dims: [4] }
+output { name: "y" data_type: TYPE_FP32 dims: [3] label_filename: "labels.txt" }
+dynamic_batching { max_queue_delay_microseconds: 2000 default_queue_policy { max_queue_size: 64 } }
+"""
+
+
+def tiny_model(weights: np.ndarray = TINY_WEIGHTS) -> onnx.ModelProto:
+    """y = x @ W with a dynamic batch axis: [N, 4] → [N, 3]."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(weights, "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return model
+
+
+def write_tiny(
+    repository: Path,
+    name: str = "tiny",
+    version: int = 1,
+    config: str | None = TINY_CONFIG,
+    weights: np.ndarray = TINY_WEIGHTS,
+) -> Path:
+    model_dir = repository / name
+    (model_dir / str(version)).mkdir(parents=True, exist_ok=True)
+    onnx.save(tiny_model(weights), model_dir / str(version) / "model.onnx")
+    if config is not None:
+        (model_dir / "config.pbtxt").write_text(config)
+    (model_dir / "labels.txt").write_text("alpha\nbeta\ngamma\n")
+    return model_dir
