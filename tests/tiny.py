@@ -45,3 +45,33 @@ def write_tiny(
         (model_dir / "config.pbtxt").write_text(config)
     (model_dir / "labels.txt").write_text("alpha\nbeta\ngamma\n")
     return model_dir
+
+
+def write_slow(
+    repository: Path, name: str, config: str, layers: int = 24, width: int = 1024
+) -> Path:
+    """Like tiny (x [N,4] → y [N,3]) but with `layers` dense layers: milliseconds per row."""
+    rng = np.random.default_rng(0)
+    nodes, inits = [], []
+    prev = "x"
+    shapes = [(4, width)] + [(width, width)] * layers + [(width, 3)]
+    for i, shape in enumerate(shapes):
+        w = (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"W{i}"))
+        out = "y" if i == len(shapes) - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [prev, f"W{i}"], [out]))
+        prev = out
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    model_dir = repository / name
+    (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    onnx.save(model, model_dir / "1" / "model.onnx")
+    (model_dir / "config.pbtxt").write_text(config)
+    return model_dir

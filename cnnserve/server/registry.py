@@ -157,7 +157,9 @@ class Registry:
                 "loaded %s version %d on %s in %.2fs",
                 model.name, version, loaded.provider, loaded.load_seconds,
             )  # fmt: skip
-        keep = {v: m for v, m in model.versions.items() if v in failed}
+        # Old versions keep serving where their replacement failed; if nothing new loaded,
+        # all of them do, so a broken new version never takes a model offline.
+        keep = {v: m for v, m in model.versions.items() if v in failed or not fresh}
         retired = [m for v, m in model.versions.items() if v not in keep]
         model.versions = {**keep, **fresh}
         model.failed = failed

@@ -1,0 +1,196 @@
+"""Malformed requests each get their deliberate status code, and the server stays healthy."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeAlias
+
+import grpc
+import numpy as np
+import pytest
+
+from cnnserve.v1 import grpc_service_pb2_grpc as rpc
+from cnnserve.v1 import inference_pb2 as pb
+from tests.servers import Running, server_in_thread
+from tests.tiny import TINY_WEIGHTS, write_slow, write_tiny
+
+Code: TypeAlias = grpc.StatusCode
+ROW = np.ones(4, np.float32).tobytes()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    repo = tmp_path_factory.mktemp("repo")
+    write_tiny(repo)
+    with server_in_thread(repo) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def stub(server: Running) -> Iterator[rpc.GRPCInferenceServiceStub]:
+    with grpc.insecure_channel(server.url) as channel:
+        yield rpc.GRPCInferenceServiceStub(channel)
+
+
+def request(
+    shape: tuple[int, ...] = (1, 4),
+    raw: list[bytes] | None = None,
+    datatype: str = "FP32",
+    name: str = "x",
+    model: str = "tiny",
+    **fields: object,
+) -> pb.ModelInferRequest:
+    r = pb.ModelInferRequest(model_name=model, **fields)  # type: ignore[arg-type]
+    r.inputs.add(name=name, datatype=datatype, shape=shape)
+    r.raw_input_contents.extend([ROW * shape[0]] if raw is None else raw)
+    return r
+
+
+def typed_and_raw() -> pb.ModelInferRequest:
+    r = request()
+    r.inputs[0].contents.fp32_contents.extend([1, 2, 3, 4])
+    return r
+
+
+def typed_wrong_count() -> pb.ModelInferRequest:
+    r = request(raw=[])
+    r.inputs[0].contents.fp32_contents.extend([1, 2, 3])
+    return r
+
+
+def with_param(key: str, **value: object) -> pb.ModelInferRequest:
+    r = request()
+    r.parameters[key].CopyFrom(pb.InferParameter(**value))  # type: ignore[arg-type]
+    return r
+
+
+def unknown_output() -> pb.ModelInferRequest:
+    r = request()
+    r.outputs.add(name="nope")
+    return r
+
+
+def zero_classification() -> pb.ModelInferRequest:
+    r = request()
+    r.outputs.add(name="y").parameters["classification"].int64_param = 0
+    return r
+
+
+def two_inputs_same_name() -> pb.ModelInferRequest:
+    r = request()
+    r.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+    r.raw_input_contents.append(ROW)
+    return r
+
+
+CASES: list[tuple[str, Callable[[], pb.ModelInferRequest], Code, str]] = [
+    ("unknown model", lambda: request(model="nope"), Code.NOT_FOUND, "unknown model"),
+    ("empty model name", lambda: request(model=""), Code.INVALID_ARGUMENT, "model_name"),
+    ("unknown version", lambda: request(model_version="9"), Code.NOT_FOUND, "version 9"),
+    ("bad version", lambda: request(model_version="v1"), Code.INVALID_ARGUMENT, "version"),
+    ("unknown input", lambda: request(name="z"), Code.INVALID_ARGUMENT, "unknown input"),
+    ("missing input", lambda: pb.ModelInferRequest(model_name="tiny"), Code.INVALID_ARGUMENT,
+     "missing inputs"),
+    ("wrong datatype", lambda: request(datatype="INT32"), Code.INVALID_ARGUMENT, "datatype"),
+    ("unknown datatype", lambda: request(datatype="FP8"), Code.INVALID_ARGUMENT, "datatype"),
+    ("wrong rank", lambda: request(shape=(4,), raw=[ROW]), Code.INVALID_ARGUMENT, "shape"),
+    ("wrong width", lambda: request(shape=(1, 5), raw=[ROW]), Code.INVALID_ARGUMENT, "shape"),
+    ("negative dim", lambda: request(shape=(-1, 4)), Code.INVALID_ARGUMENT, "negative"),
+    ("zero rows", lambda: request(shape=(0, 4), raw=[b""]), Code.INVALID_ARGUMENT, "batch size"),
+    ("over max batch", lambda: request(shape=(9, 4)), Code.INVALID_ARGUMENT, "batch size 9"),
+    ("huge declared shape", lambda: request(shape=(1 << 40, 4), raw=[ROW]),
+     Code.INVALID_ARGUMENT, "too large"),
+    ("short raw", lambda: request(raw=[ROW[:-1]]), Code.INVALID_ARGUMENT, "15 bytes"),
+    ("long raw", lambda: request(raw=[ROW + b"x"]), Code.INVALID_ARGUMENT, "17 bytes"),
+    ("raw count", lambda: request(raw=[ROW, ROW]), Code.INVALID_ARGUMENT, "raw_input_contents"),
+    ("typed and raw", typed_and_raw, Code.INVALID_ARGUMENT, "not both"),
+    ("typed count", typed_wrong_count, Code.INVALID_ARGUMENT, "3 values"),
+    ("duplicate input", two_inputs_same_name, Code.INVALID_ARGUMENT, "twice"),
+    ("unknown output", unknown_output, Code.INVALID_ARGUMENT, "unknown output"),
+    ("classification 0", zero_classification, Code.INVALID_ARGUMENT, "classification"),
+    ("timeout as string", lambda: with_param("timeout", string_param="1s"),
+     Code.INVALID_ARGUMENT, "timeout"),
+    ("negative timeout", lambda: with_param("timeout", int64_param=-5),
+     Code.INVALID_ARGUMENT, "negative"),
+    ("priority as bool", lambda: with_param("priority", bool_param=True),
+     Code.INVALID_ARGUMENT, "priority"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "make", "code", "words"), CASES, ids=[c[0] for c in CASES])
+def test_bad_request_gets_its_status(
+    stub: rpc.GRPCInferenceServiceStub,
+    case: str,
+    make: Callable[[], pb.ModelInferRequest],
+    code: Code,
+    words: str,
+) -> None:
+    with pytest.raises(grpc.RpcError) as error:
+        stub.ModelInfer(make(), timeout=10)
+    assert error.value.code() == code, error.value.details()
+    assert words in error.value.details()
+
+
+def test_expired_timeout_parameter_is_deadline_exceeded(stub: rpc.GRPCInferenceServiceStub) -> None:
+    with pytest.raises(grpc.RpcError) as error:
+        stub.ModelInfer(with_param("timeout", int64_param=1), timeout=10)
+    assert error.value.code() == Code.DEADLINE_EXCEEDED
+
+
+def test_bytes_input_with_truncated_length_is_refused() -> None:
+    from cnnserve.server.converters import _split_bytes
+    from cnnserve.server.errors import InvalidInput
+
+    good = struct.pack("<I", 3) + b"abc" + struct.pack("<I", 0)
+    assert _split_bytes(good, 2, "s") == [b"abc", b""]
+    for bad in (good[:-1], good + b"x", struct.pack("<I", 99) + b"abc"):
+        with pytest.raises(InvalidInput):
+            _split_bytes(bad, 2, "s")
+
+
+def test_server_still_answers_correctly_after_bad_requests(
+    stub: rpc.GRPCInferenceServiceStub,
+) -> None:
+    for _, make, _, _ in CASES:
+        with pytest.raises(grpc.RpcError):
+            stub.ModelInfer(make(), timeout=10)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    answer = stub.ModelInfer(request(shape=(2, 4), raw=[x.tobytes()]), timeout=10)
+    y = np.frombuffer(answer.raw_output_contents[0], np.float32).reshape(2, 3)
+    np.testing.assert_allclose(y, x @ TINY_WEIGHTS, rtol=1e-5, atol=1e-6)
+    assert stub.ServerReady(pb.ServerReadyRequest(), timeout=10).ready
+
+
+def test_typed_contents_are_accepted(stub: rpc.GRPCInferenceServiceStub) -> None:
+    r = request(raw=[])
+    r.inputs[0].contents.fp32_contents.extend([1, 2, 3, 4])
+    answer = stub.ModelInfer(r, timeout=10)
+    y = np.frombuffer(answer.raw_output_contents[0], np.float32)
+    np.testing.assert_allclose(y, np.array([1, 2, 3, 4], np.float32) @ TINY_WEIGHTS, rtol=1e-5)
+
+
+def test_queue_full_is_resource_exhausted_at_once(tmp_path: Path) -> None:
+    config = """
+max_batch_size: 1
+input { name: "x" data_type: TYPE_FP32 dims: [4] }
+output { name: "y" data_type: TYPE_FP32 dims: [3] }
+dynamic_batching { max_queue_delay_microseconds: 200000 default_queue_policy { max_queue_size: 2 } }
+"""
+    write_slow(tmp_path, "tiny", config)
+    with server_in_thread(tmp_path) as running, grpc.insecure_channel(running.url) as channel:
+        stub = rpc.GRPCInferenceServiceStub(channel)
+        pending = [stub.ModelInfer.future(request(), timeout=30) for _ in range(12)]
+        codes, details = [], set()
+        for call in pending:
+            try:
+                call.result()
+                codes.append(Code.OK)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+                details.add(exc.details())
+        assert details == {"queue is full (2 requests)"}
+        assert Code.RESOURCE_EXHAUSTED in codes
+        assert Code.OK in codes
+        assert set(codes) <= {Code.OK, Code.RESOURCE_EXHAUSTED}

@@ -1,0 +1,174 @@
+"""The dynamic batcher on plain numpy arrays and a real onnxruntime runner, without gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cnnserve.server.batcher import Batcher, BatchingOptions
+from cnnserve.server.errors import DeadlineExceeded, ModelNotReady, QueueFull
+from cnnserve.server.runner import Runner, RunnerOptions, Timings
+from tests.tiny import TINY_WEIGHTS, write_slow, write_tiny
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runner]:
+    model = write_tiny(tmp_path_factory.mktemp("tiny"), config=None) / "1" / "model.onnx"
+    r = Runner(model, RunnerOptions(device="cpu"), label="tiny")
+    yield r
+    r.close()
+
+
+@pytest.fixture(scope="module")
+def slow_runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runner]:
+    model = write_slow(tmp_path_factory.mktemp("slow"), "slow", "") / "1" / "model.onnx"
+    r = Runner(model, RunnerOptions(device="cpu"), label="slow")
+    yield r
+    r.close()
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def __call__(self, rows: int, timings: Timings) -> None:
+        self.batches.append(rows)
+
+
+def rows(n: int, start: float = 0) -> dict[str, np.ndarray]:
+    return {"x": (np.arange(n * 4, dtype=np.float32).reshape(n, 4) + start)}
+
+
+async def run_all(batcher: Batcher, requests: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    batcher.start()
+    try:
+        results = await asyncio.gather(*(batcher.submit(r, len(r["x"])) for r in requests))
+    finally:
+        await batcher.close()
+    return [res.outputs[0] for res in results]
+
+
+def test_requests_are_joined_and_each_gets_its_own_rows(runner: Runner) -> None:
+    seen = Recorder()
+    opts = BatchingOptions(max_batch_size=8, max_queue_delay_ns=50_000_000)
+    requests = [rows(n, start=100 * i) for i, n in enumerate([1, 3, 2, 2])]
+    outputs = asyncio.run(run_all(Batcher([runner], ["y"], opts, seen), requests))
+    for req, out in zip(requests, outputs, strict=True):
+        np.testing.assert_allclose(out, req["x"] @ TINY_WEIGHTS, rtol=1e-5)
+    assert seen.batches == [8]
+
+
+def test_a_request_larger_than_the_room_left_is_split(runner: Runner) -> None:
+    seen = Recorder()
+    opts = BatchingOptions(max_batch_size=4, max_queue_delay_ns=50_000_000)
+    requests = [rows(3), rows(4, start=50)]
+    outputs = asyncio.run(run_all(Batcher([runner], ["y"], opts, seen), requests))
+    for req, out in zip(requests, outputs, strict=True):
+        np.testing.assert_allclose(out, req["x"] @ TINY_WEIGHTS, rtol=1e-5)
+    assert seen.batches == [4, 3]
+
+
+def test_preferred_batch_size_dispatches_without_waiting(runner: Runner) -> None:
+    seen = Recorder()
+    opts = BatchingOptions(
+        max_batch_size=8, max_queue_delay_ns=10_000_000_000, preferred_batch_sizes=(2,)
+    )
+    started = time.monotonic()
+    asyncio.run(run_all(Batcher([runner], ["y"], opts, seen), [rows(1), rows(1)]))
+    assert time.monotonic() - started < 5
+    assert seen.batches == [2]
+
+
+def test_without_dynamic_batching_each_request_runs_alone(runner: Runner) -> None:
+    seen = Recorder()
+    opts = BatchingOptions(max_batch_size=8, dynamic=False)
+    asyncio.run(run_all(Batcher([runner], ["y"], opts, seen), [rows(1), rows(3), rows(2)]))
+    assert sorted(seen.batches) == [1, 2, 3]
+
+
+def test_full_queue_rejects_immediately(slow_runner: Runner) -> None:
+    async def scenario() -> list[Any]:
+        batcher = Batcher([slow_runner], ["y"], BatchingOptions(max_batch_size=1, max_queue_size=2))
+        batcher.start()
+        tasks = [asyncio.create_task(batcher.submit(rows(1), 1)) for _ in range(6)]
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        await batcher.close()
+        return results
+
+    results = asyncio.run(scenario())
+    assert any(isinstance(r, QueueFull) for r in results)
+    assert all(isinstance(r, QueueFull) or not isinstance(r, Exception) for r in results)
+
+
+def test_expired_and_cancelled_requests_are_never_computed(slow_runner: Runner) -> None:
+    seen = Recorder()
+
+    async def scenario() -> tuple[object, object]:
+        batcher = Batcher([slow_runner], ["y"], BatchingOptions(max_batch_size=1), seen)
+        batcher.start()
+        first = asyncio.create_task(batcher.submit(rows(1), 1))
+        await asyncio.sleep(0)  # the first one is now executing
+        expired = asyncio.create_task(batcher.submit(rows(1), 1, time.monotonic_ns()))
+        cancelled = asyncio.create_task(batcher.submit(rows(1), 1))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        await first
+        results = await asyncio.gather(expired, cancelled, return_exceptions=True)
+        await batcher.close()
+        return results[0], results[1]
+
+    expired, cancelled = asyncio.run(scenario())
+    assert isinstance(expired, DeadlineExceeded)
+    assert isinstance(cancelled, asyncio.CancelledError)
+    assert seen.batches == [1]
+
+
+def test_close_finishes_queued_work_then_refuses_more(slow_runner: Runner) -> None:
+    async def scenario() -> tuple[int, object]:
+        batcher = Batcher([slow_runner], ["y"], BatchingOptions(max_batch_size=2))
+        batcher.start()
+        tasks = [asyncio.create_task(batcher.submit(rows(1), 1)) for _ in range(5)]
+        await asyncio.sleep(0)
+        await batcher.close()
+        done = sum(1 for t in tasks if t.done() and t.exception() is None)
+        try:
+            await batcher.submit(rows(1), 1)
+        except ModelNotReady as exc:
+            return done, exc
+        return done, None
+
+    done, refused = asyncio.run(scenario())
+    assert done == 5
+    assert isinstance(refused, ModelNotReady)
+
+
+def test_pending_counts_queued_and_executing_and_returns_to_zero(slow_runner: Runner) -> None:
+    async def scenario() -> tuple[int, int]:
+        batcher = Batcher([slow_runner], ["y"], BatchingOptions(max_batch_size=1))
+        batcher.start()
+        tasks = [asyncio.create_task(batcher.submit(rows(1), 1)) for _ in range(4)]
+        await asyncio.sleep(0)
+        busy = batcher.pending
+        await asyncio.gather(*tasks)
+        idle = batcher.pending
+        await batcher.close()
+        return busy, idle
+
+    busy, idle = asyncio.run(scenario())
+    assert busy == 4
+    assert idle == 0
+
+
+def test_runner_options_split_cores_between_instances(tmp_path: Path) -> None:
+    opts = RunnerOptions.from_parameters({}, device="cpu", gpu_id=0, instances=2)
+    assert opts.intra_op_threads >= 1
+    single = RunnerOptions.from_parameters(
+        {"intra_op_threads": "3"}, device="cpu", gpu_id=0, instances=1
+    )
+    assert single.intra_op_threads == 3

@@ -1,0 +1,191 @@
+"""Reload, corrupt files and shutdown under load: no request is lost."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+
+from cnnserve.v1 import grpc_service_pb2_grpc as rpc
+from cnnserve.v1 import inference_pb2 as pb
+from tests.servers import server_in_thread, server_process
+from tests.tiny import TINY_CONFIG, TINY_WEIGHTS, write_slow, write_tiny
+
+
+class Load:
+    """Steady traffic from a few threads; records every outcome and model version seen."""
+
+    def __init__(self, url: str, model: str = "tiny", threads: int = 4) -> None:
+        self.url = url
+        self.model = model
+        self.outcomes: Counter[str] = Counter()
+        self.versions: Counter[str] = Counter()
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+
+    def _run(self) -> None:
+        client = tc.InferenceServerClient(self.url)
+        x = np.ones((2, 4), np.float32)
+        inp = tc.InferInput("x", [2, 4], "FP32")
+        inp.set_data_from_numpy(x)
+        while not self._stop.is_set():
+            try:
+                result = client.infer(self.model, [inp], client_timeout=30)
+                version = result.get_response().model_version
+                scale = 1.0 if version == "1" else 2.0
+                np.testing.assert_allclose(
+                    result.as_numpy("y"), scale * x @ TINY_WEIGHTS, rtol=1e-5
+                )
+                outcome = "ok"
+            except Exception as exc:
+                version, outcome = "", "error"
+                with self._lock:
+                    self.errors.append(str(exc))
+            with self._lock:
+                self.outcomes[outcome] += 1
+                self.versions[version] += 1
+        client.close()
+
+
+def wait_for(predicate: object, timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    raise TimeoutError("condition not met in time")
+
+
+@pytest.fixture
+def poll_repo(tmp_path: Path) -> Path:
+    write_tiny(tmp_path)
+    return tmp_path
+
+
+def test_new_version_takes_traffic_with_zero_failed_requests(poll_repo: Path) -> None:
+    with server_in_thread(poll_repo, model_control_mode="poll", repository_poll_secs=0.2) as srv:
+        with Load(srv.url) as load:
+            wait_for(lambda: load.outcomes["ok"] > 20)
+            write_tiny(poll_repo, version=2, config=None, weights=2 * TINY_WEIGHTS)
+            wait_for(lambda: load.versions["2"] > 20)
+        index = tc.InferenceServerClient(srv.url).get_model_repository_index(as_json=True)
+    assert load.errors == []
+    assert load.versions["1"] > 0
+    assert load.versions["2"] > 0
+    assert [(m["name"], m["version"], m["state"]) for m in index["models"]] == [
+        ("tiny", "2", "READY")
+    ]
+
+
+def test_corrupt_files_leave_everything_else_serving(poll_repo: Path) -> None:
+    with server_in_thread(poll_repo, model_control_mode="poll", repository_poll_secs=0.2) as srv:
+        client = tc.InferenceServerClient(srv.url)
+
+        def index() -> dict[str, dict[str, str]]:
+            models = client.get_model_repository_index(as_json=True)["models"]
+            return {f"{m['name']}/{m.get('version', '')}": m for m in models}
+
+        with Load(srv.url) as load:
+            (poll_repo / "junk" / "1").mkdir(parents=True)
+            (poll_repo / "junk" / "1" / "model.onnx").write_bytes(b"\x08\x07garbage")
+            (poll_repo / "tiny" / "3").mkdir()
+            (poll_repo / "tiny" / "3" / "model.onnx").write_bytes(b"truncated")
+            wait_for(lambda: "tiny/3" in index() and "junk/1" in index())
+            wait_for(lambda: load.outcomes["ok"] > 20)
+        entries = index()
+        assert entries["junk/1"]["state"] == "UNAVAILABLE"
+        assert "cannot load" in entries["junk/1"]["reason"]
+        assert entries["tiny/3"]["state"] == "UNAVAILABLE"
+        assert entries["tiny/1"]["state"] == "READY"
+        assert load.errors == []
+        shutil.rmtree(poll_repo / "junk")
+        wait_for(lambda: not any(k.startswith("junk/") for k in index()))
+        client.close()
+
+
+def test_wrong_shape_for_config_is_unavailable_with_a_reason(tmp_path: Path) -> None:
+    bad_config = TINY_CONFIG.replace("dims: [4]", "dims: [5]")
+    write_tiny(tmp_path, "misfit", config=bad_config)
+    write_tiny(tmp_path)
+    with server_in_thread(tmp_path) as srv:
+        client = tc.InferenceServerClient(srv.url)
+        models = {m["name"]: m for m in client.get_model_repository_index(as_json=True)["models"]}
+        assert models["misfit"]["state"] == "UNAVAILABLE"
+        assert "does not match the ONNX model" in models["misfit"]["reason"]
+        assert client.is_model_ready("tiny")
+        client.close()
+
+
+SLOW_CONFIG = """
+max_batch_size: 4
+input { name: "x" data_type: TYPE_FP32 dims: [4] }
+output { name: "y" data_type: TYPE_FP32 dims: [3] }
+dynamic_batching { max_queue_delay_microseconds: 1000 }
+"""
+
+
+def test_sigterm_during_load_finishes_in_flight_requests_and_exits_0(tmp_path: Path) -> None:
+    write_slow(tmp_path / "repo", "slow", SLOW_CONFIG)
+    with (
+        server_process(
+            tmp_path / "repo", tmp_path / "server.log", "--grace-period-secs", "30"
+        ) as child,
+        grpc.insecure_channel(child.url) as channel,
+    ):
+        stub = rpc.GRPCInferenceServiceStub(channel)
+        request = pb.ModelInferRequest(model_name="slow")
+        request.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+        request.raw_input_contents.append(np.ones(4, np.float32).tobytes())
+        stub.ModelInfer(request, timeout=30)  # warm connection
+        in_flight = [stub.ModelInfer.future(request, timeout=60) for _ in range(40)]
+        time.sleep(0.05)
+        child.process.send_signal(signal.SIGTERM)
+        codes: Counter[str] = Counter()
+        for call in in_flight:
+            try:
+                call.result()
+                codes["OK"] += 1
+            except grpc.RpcError as exc:
+                codes[exc.code().name] += 1
+        assert child.process.wait(60) == 0, child.log()
+    assert codes == Counter({"OK": 40}), child.log()
+    assert "draining" in child.log()
+
+
+def test_calls_after_sigterm_are_refused_as_unavailable(tmp_path: Path) -> None:
+    write_slow(tmp_path / "repo", "slow", SLOW_CONFIG, layers=48)
+    with server_process(tmp_path / "repo", tmp_path / "server.log") as child:
+        with grpc.insecure_channel(child.url) as channel:
+            stub = rpc.GRPCInferenceServiceStub(channel)
+            request = pb.ModelInferRequest(model_name="slow")
+            request.inputs.add(name="x", datatype="FP32", shape=[4, 4])
+            request.raw_input_contents.append(np.ones(16, np.float32).tobytes())
+            busy = [stub.ModelInfer.future(request, timeout=60) for _ in range(30)]
+            time.sleep(0.1)
+            child.process.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.ModelInfer(request, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert all(call.result() is not None for call in busy)
+        assert child.process.wait(60) == 0
