@@ -22,6 +22,7 @@ from prometheus_client import start_http_server
 
 import cnnserve.v1
 from cnnserve.server.config import Settings
+from cnnserve.server.interceptors import CallCounter
 from cnnserve.server.metrics import Metrics
 from cnnserve.server.registry import Registry
 from cnnserve.server.servicer import InferenceServicer
@@ -61,7 +62,10 @@ class Server:
         )
         self.metrics.watch(self.registry.states)
         self.inference = InferenceServicer(
-            self.registry, self.metrics, control_mode=settings.model_control_mode
+            self.registry,
+            self.metrics,
+            control_mode=settings.model_control_mode,
+            request_log_rate=settings.request_log_rate,
         )
         self.grpc_port = 0
         self.metrics_port = 0
@@ -102,7 +106,9 @@ class Server:
 
     async def start(self) -> None:
         """Open the ports, load the models, then report SERVING."""
-        server = grpc.aio.server(options=self._grpc_options())
+        server = grpc.aio.server(
+            interceptors=[CallCounter(self.metrics)], options=self._grpc_options()
+        )
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.inference, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]

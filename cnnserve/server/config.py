@@ -48,6 +48,9 @@ class Settings:
         default=1024, metadata={"help": "queue bound for models whose config sets none"}
     )
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING, ERROR"})
+    request_log_rate: float = field(
+        default=0.0, metadata={"help": "fraction of inference requests logged, 0 to 1"}
+    )
     log_format: str = field(
         default="text", metadata={"help": "text | json", "choices": LOG_FORMATS}
     )
@@ -66,6 +69,8 @@ class Settings:
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        if not 0.0 <= self.request_log_rate <= 1.0:
+            raise ValueError("--request-log-rate must be between 0 and 1")
         if self.max_queue_size < 1:
             raise ValueError("--max-queue-size must be at least 1")
 

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
+import uuid
 from collections.abc import AsyncIterator
 
 import grpc
 
 from cnnserve import __version__
 from cnnserve.server import converters
+from cnnserve.server.batcher import JobResult
 from cnnserve.server.errors import (
     CnnserveError,
     InvalidInput,
@@ -48,10 +51,18 @@ def deadline_ns(context: grpc.aio.ServicerContext, timeout_us: int | None) -> in
 
 
 class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, registry: Registry, metrics: Metrics | None, *, control_mode: str) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        metrics: Metrics | None,
+        *,
+        control_mode: str,
+        request_log_rate: float = 0.0,
+    ) -> None:
         self.registry = registry
         self.metrics = metrics
         self.control_mode = control_mode
+        self.request_log_rate = request_log_rate
         self.draining = False
         self.started = False
 
@@ -207,6 +218,9 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                     )
                 else:
                     model.stats.record_failure(elapsed)
+                if self.request_log_rate and random.random() < self.request_log_rate:
+                    done = result if outcome == "success" else None
+                    _log_request(request, labels, outcome, elapsed, done)
                 if self.metrics is not None:
                     self.metrics.requests.labels(*labels, outcome).inc()
                     self.metrics.request_duration.labels(*labels).observe(elapsed / 1e9)
@@ -249,8 +263,6 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             reader.cancel()
             for task in list(running):
                 task.cancel()
-            if self.metrics is not None:
-                self.metrics.grpc_requests.labels("ModelStreamInfer", "OK").inc()
 
     async def _stream_answer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
@@ -270,9 +282,29 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     # -- not offered ------------------------------------------------------------------
 
     async def _unimplemented(self, context: grpc.aio.ServicerContext, what: str) -> None:
-        if self.metrics is not None:
-            self.metrics.grpc_requests.labels(what, "UNIMPLEMENTED").inc()
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"cnnserve does not implement {what}")
+
+
+def _log_request(
+    request: pb.ModelInferRequest,
+    labels: tuple[str, str],
+    outcome: str,
+    elapsed_ns: int,
+    result: JobResult | None,
+) -> None:
+    """The per-request log line: one event with the request id, outcome and durations."""
+    fields: dict[str, object] = {
+        "request_id": request.id or uuid.uuid4().hex,
+        "model": labels[0],
+        "version": labels[1],
+        "outcome": outcome,
+        "duration_ms": round(elapsed_ns / 1e6, 3),
+    }
+    if result is not None:
+        t = result.timings
+        fields["queue_ms"] = round(result.queue_ns / 1e6, 3)
+        fields["compute_ms"] = round((t.input_ns + t.infer_ns + t.output_ns) / 1e6, 3)
+    log.info("inference %s", outcome, extra=fields)
 
 
 def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:

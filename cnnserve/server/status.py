@@ -1,9 +1,9 @@
 """Domain errors → gRPC status codes, applied once, around every handler.
 
 `rpc` wraps a unary handler: it refuses calls while the server drains, maps
-each CnnserveError to its status with the error's message, turns anything
-else into INTERNAL with a generic message (the traceback goes to the log),
-and counts every call by method and final code.
+each CnnserveError to its status with the error's message, and turns anything
+else into INTERNAL with a generic message (the traceback goes to the log).
+Calls are counted by method and code in `interceptors`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from typing import Any, Protocol, TypeVar
 import grpc
 
 from cnnserve.server import errors
-from cnnserve.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +45,6 @@ def code_for(exc: errors.CnnserveError) -> grpc.StatusCode:
 class Guarded(Protocol):
     """What `rpc` needs from the servicer it decorates."""
 
-    metrics: Metrics | None
     draining: bool
 
 
@@ -58,27 +56,19 @@ def rpc(method: str) -> Callable[[Handler[S]], Handler[S]]:
     def wrap(handler: Handler[S]) -> Handler[S]:
         @functools.wraps(handler)
         async def guarded(self: S, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            code = grpc.StatusCode.OK
             try:
                 if self.draining:
                     raise errors.ServerDraining("the server is shutting down")
                 return await handler(self, request, context)
             except errors.CnnserveError as exc:
-                code = code_for(exc)
-                await context.abort(code, str(exc))
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except grpc.aio.AbortError:
-                code = context.code() or grpc.StatusCode.UNKNOWN
+                await context.abort(code_for(exc), str(exc))
+            except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception:
                 log.exception("%s failed", method)
-                code = grpc.StatusCode.INTERNAL
-                await context.abort(code, f"internal error in {method}; see the server log")
-            finally:
-                if self.metrics is not None:
-                    self.metrics.grpc_requests.labels(method, code.name).inc()
+                await context.abort(
+                    grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log"
+                )
 
         return guarded
 

@@ -1,0 +1,148 @@
+"""Prometheus metrics on a live server: exact counts, histograms, state gauges, no stale series."""
+
+from __future__ import annotations
+
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from tests.servers import Running, server_in_thread
+from tests.tiny import write_tiny
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = {"model": "tiny", "version": "1"}
+
+
+def scrape(server: Running) -> dict[str, list[Sample]]:
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    families: dict[str, list[Sample]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            families.setdefault(sample.name, []).append(sample)
+    return families
+
+
+def value(families: dict[str, list[Sample]], name: str, **labels: str) -> float:
+    matches = [s.value for s in families.get(name, []) if labels.items() <= s.labels.items()]
+    assert len(matches) == 1, (name, labels, families.get(name))
+    return matches[0]
+
+
+def infer(client: tc.InferenceServerClient, rows: int, width: int = 4) -> None:
+    x = tc.InferInput("x", [rows, width], "FP32")
+    x.set_data_from_numpy(np.ones((rows, width), np.float32))
+    client.infer("tiny", [x])
+
+
+@pytest.fixture(scope="module")
+def traffic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    """A server after a known mix: 5 successes (9 rows), 3 bad shapes, 1 unknown model."""
+    repo = tmp_path_factory.mktemp("repo")
+    write_tiny(repo)
+    with server_in_thread(repo, model_control_mode="explicit", load_model=("tiny",)) as server:
+        client = tc.InferenceServerClient(server.url)
+        for rows in (1, 2, 3, 1, 2):
+            infer(client, rows)
+        for _ in range(3):
+            with pytest.raises(Exception, match="shape"):
+                infer(client, 1, width=5)
+        with pytest.raises(Exception, match="unknown model"):
+            client.infer("nope", [tc.InferInput("x", [1, 4], "FP32")])
+        client.close()
+        yield server
+
+
+def test_request_counters_equal_what_was_sent(traffic: Running) -> None:
+    m = scrape(traffic)
+    assert value(m, "cnnserve_inference_requests_total", **TINY, outcome="success") == 5
+    assert value(m, "cnnserve_inference_requests_total", **TINY, outcome="invalid_argument") == 3
+    assert value(m, "cnnserve_grpc_requests_total", method="ModelInfer", code="OK") == 5
+    assert (
+        value(m, "cnnserve_grpc_requests_total", method="ModelInfer", code="INVALID_ARGUMENT") == 3
+    )
+    assert value(m, "cnnserve_grpc_requests_total", method="ModelInfer", code="NOT_FOUND") == 1
+
+
+def test_histogram_counts_match_requests_and_batches(traffic: Running) -> None:
+    m = scrape(traffic)
+    assert value(m, "cnnserve_inference_request_duration_seconds_count", **TINY) == 8
+    assert value(m, "cnnserve_inference_queue_duration_seconds_count", **TINY) == 5
+    executions = value(m, "cnnserve_inference_executions_total", **TINY)
+    assert value(m, "cnnserve_inference_batch_size_count", **TINY) == executions
+    assert value(m, "cnnserve_inference_compute_duration_seconds_count", **TINY) == executions
+    assert value(m, "cnnserve_inference_batch_size_sum", **TINY) == 9  # rows inferred
+    buckets = {s.labels["le"] for s in m["cnnserve_inference_request_duration_seconds_bucket"]}
+    assert {"5e-05", "0.5", "30.0", "+Inf"} <= buckets
+
+
+def test_metrics_agree_with_model_statistics(traffic: Running) -> None:
+    m = scrape(traffic)
+    client = tc.InferenceServerClient(traffic.url)
+    stats = client.get_inference_statistics("tiny", as_json=True)["model_stats"][0]
+    client.close()
+    assert int(stats["inference_count"]) == value(m, "cnnserve_inference_batch_size_sum", **TINY)
+    assert int(stats["execution_count"]) == value(m, "cnnserve_inference_executions_total", **TINY)
+    success = int(stats["inference_stats"]["success"]["count"])
+    assert success == value(m, "cnnserve_inference_requests_total", **TINY, outcome="success")
+    assert int(stats["inference_stats"]["fail"]["count"]) == 3
+
+
+def test_state_gauges_are_exact(traffic: Running) -> None:
+    m = scrape(traffic)
+    assert value(m, "cnnserve_inference_pending_requests", **TINY) == 0
+    assert value(m, "cnnserve_model_ready", **TINY) == 1
+    assert value(m, "cnnserve_model_load_duration_seconds", **TINY) > 0
+    provider = value(
+        m, "cnnserve_model_execution_provider_info", **TINY, provider="CPUExecutionProvider"
+    )
+    assert provider == 1
+
+
+def test_every_listed_family_is_exported(traffic: Running) -> None:
+    with urllib.request.urlopen(traffic.metrics_url, timeout=10) as response:
+        exported = {
+            (f.name, f.type) for f in text_string_to_metric_families(response.read().decode())
+        }
+    listed = [
+        line.split()[:2]
+        for line in (ROOT / "deploy" / "metric_names.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert listed
+    for name, kind in listed:
+        family = name.removesuffix("_total") if kind == "counter" else name
+        assert (family, kind) in exported, f"{name} ({kind}) is listed but not exported"
+
+
+def test_health_reflection_and_unknown_methods_are_counted(traffic: Running) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(traffic.url) as channel:
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        unknown = channel.unary_unary("/inference.GRPCInferenceService/Nonexistent")
+        with pytest.raises(grpc.RpcError) as error:
+            unknown(b"", timeout=5)
+        assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    m = scrape(traffic)
+    assert value(m, "cnnserve_grpc_requests_total", method="Check", code="OK") >= 1
+    assert value(m, "cnnserve_grpc_requests_total", method="Nonexistent", code="UNIMPLEMENTED") == 1
+
+
+def test_unloaded_model_leaves_no_series(traffic: Running) -> None:
+    client = tc.InferenceServerClient(traffic.url)
+    client.unload_model("tiny")
+    traffic.call(traffic.server.registry.close())  # wait until the drain has finished
+    m = scrape(traffic)
+    client.load_model("tiny")  # leave the module's server as it was
+    client.close()
+    for name, samples in m.items():
+        if name.startswith("cnnserve_") and not name.startswith("cnnserve_grpc"):
+            assert not [s for s in samples if s.labels.get("model") == "tiny"], name

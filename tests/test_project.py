@@ -1,0 +1,95 @@
+"""Project-level promises: generated code is fresh, the server never imports torch, settings."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cnnserve.server import config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_generated_protobuf_code_is_up_to_date(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, str(ROOT / "proto" / "generate.py"), "--out", str(tmp_path)], check=True
+    )
+    fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    assert fresh, "nothing was generated"
+    for rel in fresh:
+        committed = ROOT / rel
+        assert committed.is_file(), f"{rel} is generated but not committed: run make proto"
+        assert committed.read_bytes() == (tmp_path / rel).read_bytes(), (
+            f"{rel} is stale: run make proto"
+        )
+
+
+def test_cnnserve_and_tritonclient_share_a_process() -> None:
+    code = (
+        "import tritonclient.grpc, cnnserve.v1.grpc_service_pb2_grpc, cnnserve.v1.inference_pb2;"
+        "import cnnserve.server.app"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_server_does_not_import_torch() -> None:
+    code = "import sys, cnnserve.server.app, cnnserve.server.cli; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def parse(*argv: str, env: dict[str, str] | None = None) -> config.Settings:
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser)
+    return config.from_args(parser.parse_args(list(argv)), env or {})
+
+
+def test_settings_come_from_flags_then_environment_then_defaults() -> None:
+    assert parse().grpc_port == 8001
+    env = {
+        "CNNSERVE_GRPC_PORT": "9001",
+        "CNNSERVE_LOAD_MODEL": "a, b",
+        "CNNSERVE_LOG_FORMAT": "json",
+    }
+    from_env = parse(env=env)
+    assert from_env.grpc_port == 9001
+    assert from_env.load_model == ("a", "b")
+    assert from_env.log_format == "json"
+    assert parse("--grpc-port", "7001", env=env).grpc_port == 7001
+    assert parse("--load-model", "x", "--load-model", "y").load_model == ("x", "y")
+    assert parse("--repository", "/r").repository == Path("/r")
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"CNNSERVE_GRPC_PORT": "eighty"}, "CNNSERVE_GRPC_PORT"),
+        ({"CNNSERVE_MODEL_CONTROL_MODE": "sometimes"}, "control mode"),
+        ({"CNNSERVE_TLS_CERT": "/c.pem"}, "--tls-key"),
+    ],
+)
+def test_bad_settings_are_refused_with_a_reason(env: dict[str, str], words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        parse(env=env)
+
+
+def test_serve_refuses_bad_settings_with_one_line() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cnnserve",
+            "serve",
+            "--model-control-mode",
+            "poll",
+            "--tls-cert",
+            "x",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "cnnserve serve: --tls-cert and --tls-key go together"
