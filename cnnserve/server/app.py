@@ -21,16 +21,18 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import start_http_server
 
 import cnnserve.v1
+from cnnserve.server.classify import ClassifierServicer, ImageLimits
 from cnnserve.server.config import Settings
 from cnnserve.server.interceptors import CallCounter
 from cnnserve.server.metrics import Metrics
 from cnnserve.server.registry import Registry
 from cnnserve.server.servicer import InferenceServicer
-from cnnserve.v1 import grpc_service_pb2_grpc
+from cnnserve.v1 import classification_pb2_grpc, grpc_service_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
+CLASSIFIER_SERVICE = "cnnserve.v1.ImageClassifier"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -65,6 +67,13 @@ class Server:
             self.registry,
             self.metrics,
             control_mode=settings.model_control_mode,
+            request_log_rate=settings.request_log_rate,
+        )
+        self.classifier = ClassifierServicer(
+            self.registry,
+            self.metrics,
+            limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels),
+            workers=settings.preprocess_threads,
             request_log_rate=settings.request_log_rate,
         )
         self.grpc_port = 0
@@ -110,8 +119,14 @@ class Server:
             interceptors=[CallCounter(self.metrics)], options=self._grpc_options()
         )
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.inference, server)
+        classification_pb2_grpc.add_ImageClassifierServicer_to_server(self.classifier, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        names = [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        names = [
+            INFERENCE_SERVICE,
+            CLASSIFIER_SERVICE,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        ]
         reflection.enable_server_reflection(names, server, pool=_reflection_pool())
         self.grpc_port = self._bind(server)
         await self.health.set("", NOT_SERVING)
@@ -153,12 +168,14 @@ class Server:
         """Drain: refuse new calls, let in-flight ones finish, then close the models."""
         grace = self.settings.grace_period_secs if grace is None else grace
         self.inference.draining = True
+        self.classifier.draining = True
         await self.health.enter_graceful_shutdown()
         for task in self._tasks:
             task.cancel()
         if self._grpc is not None:
             await self._grpc.stop(grace)
         await self.registry.close()
+        self.classifier.close()
         if self._http is not None:
             self._http.shutdown()  # type: ignore[attr-defined]
             self._http.server_close()  # type: ignore[attr-defined]

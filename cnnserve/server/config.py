@@ -47,6 +47,16 @@ class Settings:
     max_queue_size: int = field(
         default=1024, metadata={"help": "queue bound for models whose config sets none"}
     )
+    max_image_bytes: int = field(
+        default=20 * 1024 * 1024, metadata={"help": "largest encoded image Classify accepts"}
+    )
+    max_image_pixels: int = field(
+        default=40_000_000, metadata={"help": "largest image (width x height) Classify decodes"}
+    )
+    preprocess_threads: int = field(
+        default=max(1, min(4, os.cpu_count() or 1)),
+        metadata={"help": "threads that decode and preprocess images"},
+    )
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING, ERROR"})
     request_log_rate: float = field(
         default=0.0, metadata={"help": "fraction of inference requests logged, 0 to 1"}

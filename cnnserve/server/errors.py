@@ -1,65 +1,69 @@
-"""The domain's exceptions; `servicer` maps each to one gRPC status code.
+"""The domain's exceptions, each with the gRPC status code name it is answered with.
 
-    CnnserveError
-    ├── ModelNotFound      NOT_FOUND          unknown model or version
-    ├── InvalidInput       INVALID_ARGUMENT   wrong name, shape, datatype, size or image
-    ├── QueueFull          RESOURCE_EXHAUSTED the model's queue is at max_queue_size
-    ├── DeadlineExceeded   DEADLINE_EXCEEDED  the request's timeout passed while queued
-    ├── ModelNotReady      UNAVAILABLE        loading, failed to load, or draining
-    ├── ServerDraining     UNAVAILABLE        the server is shutting down
-    ├── Unauthenticated    UNAUTHENTICATED    missing or wrong token
-    ├── PermissionDenied   PERMISSION_DENIED  the token does not allow this call
-    ├── NotAllowed         FAILED_PRECONDITION not in this mode (e.g. load outside explicit mode)
-    ├── Unsupported        UNIMPLEMENTED      a protocol feature cnnserve does not offer
-    └── ModelLoadError     (not sent to clients; recorded as the model's reason)
+    CnnserveError                              INTERNAL (only if raised bare)
+    ├── ModelNotFound      NOT_FOUND           unknown model or version
+    ├── InvalidInput       INVALID_ARGUMENT    wrong name, shape, datatype, size or image
+    ├── QueueFull          RESOURCE_EXHAUSTED  the model's queue is at max_queue_size
+    ├── DeadlineExceeded   DEADLINE_EXCEEDED   the request's timeout passed while queued
+    ├── ModelNotReady      UNAVAILABLE         loading, failed to load, or draining
+    ├── ServerDraining     UNAVAILABLE         the server is shutting down
+    ├── ModelLoadError     UNAVAILABLE         a version could not be loaded (the reason)
+    ├── Unauthenticated    UNAUTHENTICATED     missing or wrong token
+    ├── PermissionDenied   PERMISSION_DENIED   the token does not allow this call
+    ├── NotAllowed         FAILED_PRECONDITION not in this mode, or not for this model
+    └── Unsupported        UNIMPLEMENTED       a protocol feature cnnserve does not offer
 
-Anything else is a bug: the servicer answers INTERNAL and logs the traceback.
+`status.rpc` turns them into gRPC statuses; anything else is a bug, answered
+INTERNAL with the traceback in the log. The code name, lower-cased, is also
+the `outcome` label of the request metrics.
 """
 
 
 class CnnserveError(Exception):
     """Base of every error the domain raises on purpose."""
 
+    code = "INTERNAL"
+
 
 class ModelNotFound(CnnserveError):
-    pass
+    code = "NOT_FOUND"
 
 
 class InvalidInput(CnnserveError):
-    pass
+    code = "INVALID_ARGUMENT"
 
 
 class QueueFull(CnnserveError):
-    pass
+    code = "RESOURCE_EXHAUSTED"
 
 
 class DeadlineExceeded(CnnserveError):
-    pass
+    code = "DEADLINE_EXCEEDED"
 
 
 class ModelNotReady(CnnserveError):
-    pass
+    code = "UNAVAILABLE"
 
 
 class ServerDraining(CnnserveError):
-    pass
-
-
-class Unauthenticated(CnnserveError):
-    pass
-
-
-class PermissionDenied(CnnserveError):
-    pass
-
-
-class NotAllowed(CnnserveError):
-    pass
-
-
-class Unsupported(CnnserveError):
-    pass
+    code = "UNAVAILABLE"
 
 
 class ModelLoadError(CnnserveError):
-    """A model version could not be loaded; the message is the reason shown in the index."""
+    code = "UNAVAILABLE"
+
+
+class Unauthenticated(CnnserveError):
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(CnnserveError):
+    code = "PERMISSION_DENIED"
+
+
+class NotAllowed(CnnserveError):
+    code = "FAILED_PRECONDITION"
+
+
+class Unsupported(CnnserveError):
+    code = "UNIMPLEMENTED"

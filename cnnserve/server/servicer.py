@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 import grpc
 
 from cnnserve import __version__
 from cnnserve.server import converters
-from cnnserve.server.batcher import JobResult
 from cnnserve.server.errors import (
     CnnserveError,
     InvalidInput,
@@ -28,6 +25,7 @@ from cnnserve.server.errors import (
     Unsupported,
 )
 from cnnserve.server.metrics import Metrics
+from cnnserve.server.observe import observe
 from cnnserve.server.registry import Registry
 from cnnserve.server.status import code_for, rpc
 from cnnserve.v1 import grpc_service_pb2_grpc
@@ -183,49 +181,30 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         """One inference, shared by ModelInfer and each message of ModelStreamInfer."""
         if not request.model_name:
             raise InvalidInput("model_name is empty")
-        started = time.perf_counter_ns()
-        with self.registry.lease(request.model_name, request.model_version) as model:
-            labels = (model.name, str(model.version))
-            outcome = "success"
-            try:
-                decoded = converters.decode_request(
-                    request, model.inputs, model.outputs, model.config.max_batch_size
-                )
-                result = await model.infer(
-                    decoded.inputs, decoded.rows, deadline_ns(context, decoded.timeout_us)
-                )
-                response = pb.ModelInferResponse(
-                    model_name=model.name, model_version=str(model.version), id=request.id
-                )
-                arrays = dict(zip(model.output_names, result.outputs, strict=True))
-                converters.encode_response(
-                    response, decoded, arrays, model.labels, model.config.max_batch_size > 0
-                )
-            except CnnserveError as exc:
-                outcome = code_for(exc).name.lower()
-                raise
-            except asyncio.CancelledError:
-                outcome = "cancelled"
-                raise
-            except Exception:
-                outcome = "internal"
-                raise
-            finally:
-                elapsed = time.perf_counter_ns() - started
-                if outcome == "success":
-                    model.stats.record_success(
-                        decoded.rows, elapsed, result.queue_ns, result.timings
-                    )
-                else:
-                    model.stats.record_failure(elapsed)
-                if self.request_log_rate and random.random() < self.request_log_rate:
-                    done = result if outcome == "success" else None
-                    _log_request(request, labels, outcome, elapsed, done)
-                if self.metrics is not None:
-                    self.metrics.requests.labels(*labels, outcome).inc()
-                    self.metrics.request_duration.labels(*labels).observe(elapsed / 1e9)
-                    if outcome == "success":
-                        self.metrics.queue_duration.labels(*labels).observe(result.queue_ns / 1e9)
+        with (
+            self.registry.lease(request.model_name, request.model_version) as model,
+            observe(
+                model.stats,
+                self.metrics,
+                (model.name, str(model.version)),
+                request_id=request.id,
+                log_rate=self.request_log_rate,
+            ) as seen,
+        ):
+            decoded = converters.decode_request(
+                request, model.inputs, model.outputs, model.config.max_batch_size
+            )
+            result = await model.infer(
+                decoded.inputs, decoded.rows, deadline_ns(context, decoded.timeout_us)
+            )
+            response = pb.ModelInferResponse(
+                model_name=model.name, model_version=str(model.version), id=request.id
+            )
+            arrays = dict(zip(model.output_names, result.outputs, strict=True))
+            converters.encode_response(
+                response, decoded, arrays, model.labels, model.config.max_batch_size > 0
+            )
+            seen.succeeded(decoded.rows, [result])
             return response
 
     @rpc("ModelInfer")
@@ -283,28 +262,6 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def _unimplemented(self, context: grpc.aio.ServicerContext, what: str) -> None:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"cnnserve does not implement {what}")
-
-
-def _log_request(
-    request: pb.ModelInferRequest,
-    labels: tuple[str, str],
-    outcome: str,
-    elapsed_ns: int,
-    result: JobResult | None,
-) -> None:
-    """The per-request log line: one event with the request id, outcome and durations."""
-    fields: dict[str, object] = {
-        "request_id": request.id or uuid.uuid4().hex,
-        "model": labels[0],
-        "version": labels[1],
-        "outcome": outcome,
-        "duration_ms": round(elapsed_ns / 1e6, 3),
-    }
-    if result is not None:
-        t = result.timings
-        fields["queue_ms"] = round(result.queue_ns / 1e6, 3)
-        fields["compute_ms"] = round((t.input_ns + t.infer_ns + t.output_ns) / 1e6, 3)
-    log.info("inference %s", outcome, extra=fields)
 
 
 def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:

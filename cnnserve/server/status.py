@@ -20,26 +20,9 @@ from cnnserve.server import errors
 
 log = logging.getLogger(__name__)
 
-CODES: dict[type[errors.CnnserveError], grpc.StatusCode] = {
-    errors.ModelNotFound: grpc.StatusCode.NOT_FOUND,
-    errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    errors.ModelNotReady: grpc.StatusCode.UNAVAILABLE,
-    errors.ServerDraining: grpc.StatusCode.UNAVAILABLE,
-    errors.ModelLoadError: grpc.StatusCode.UNAVAILABLE,
-    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    errors.NotAllowed: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.Unsupported: grpc.StatusCode.UNIMPLEMENTED,
-}
-
 
 def code_for(exc: errors.CnnserveError) -> grpc.StatusCode:
-    for cls in type(exc).__mro__:
-        if cls in CODES:
-            return CODES[cls]
-    return grpc.StatusCode.INTERNAL
+    return grpc.StatusCode[exc.code]
 
 
 class Guarded(Protocol):

@@ -1,0 +1,177 @@
+"""`cnnserve.v1.ImageClassifier`: encoded images in, top-k labels out.
+
+Each image is decoded and preprocessed in a bounded thread pool, as the
+model's config `parameters` say (the same code the export stage trains and
+verifies with), then joins the model's dynamic batcher as a one-row request,
+so eight one-image calls and one eight-image call end in the same batches.
+Images over the byte or pixel limits are refused before they are decoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from cnnserve.preprocess import PreprocessParams, preprocess
+from cnnserve.server.errors import CnnserveError, InvalidInput, NotAllowed, ServerDraining
+from cnnserve.server.metrics import Metrics
+from cnnserve.server.model import ModelVersion
+from cnnserve.server.observe import observe
+from cnnserve.server.registry import Registry
+from cnnserve.server.servicer import deadline_ns
+from cnnserve.server.status import rpc
+from cnnserve.v1 import classification_pb2 as pb
+from cnnserve.v1 import classification_pb2_grpc
+
+DEFAULT_TOP_K = 5
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 40_000_000
+
+
+def _decode(index: int, data: bytes, params: PreprocessParams, limits: ImageLimits) -> np.ndarray:
+    """One image to the model's CHW float32 input; InvalidInput names the image and reason."""
+    if not data:
+        raise InvalidInput(f"image {index}: empty")
+    if len(data) > limits.max_bytes:
+        raise InvalidInput(f"image {index}: {len(data)} bytes, over the {limits.max_bytes} limit")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size  # read from the header, before any pixel is decoded
+            if width * height > limits.max_pixels:
+                raise InvalidInput(
+                    f"image {index}: {width}x{height} pixels, over the {limits.max_pixels} limit"
+                )
+            if image.format not in {"JPEG", "PNG", "WEBP", "BMP"}:
+                raise InvalidInput(f"image {index}: {image.format} is not JPEG, PNG, WebP or BMP")
+            image.load()
+            return preprocess(image, params)
+    except UnidentifiedImageError:
+        raise InvalidInput(f"image {index}: not a JPEG, PNG, WebP or BMP image") from None
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
+        raise InvalidInput(f"image {index}: cannot decode ({exc})") from None
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max()
+    e = np.exp(shifted)
+    return e / e.sum()
+
+
+class ClassifierServicer(classification_pb2_grpc.ImageClassifierServicer):
+    def __init__(
+        self,
+        registry: Registry,
+        metrics: Metrics | None,
+        *,
+        limits: ImageLimits,
+        workers: int,
+        request_log_rate: float = 0.0,
+    ) -> None:
+        self.registry = registry
+        self.metrics = metrics
+        self.limits = limits
+        self.request_log_rate = request_log_rate
+        self.draining = False
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="preprocess")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    @staticmethod
+    def _check(model: ModelVersion, top_k: int) -> tuple[PreprocessParams, int]:
+        try:
+            params = PreprocessParams.from_config(model.parameters)
+        except ValueError as exc:
+            raise NotAllowed(f"model {model.name!r} cannot classify images: {exc}") from None
+        spec = model.inputs[0]
+        want = (-1, params.channels, params.crop, params.crop)
+        if len(model.inputs) != 1 or spec.datatype != "FP32" or not spec.matches(want):
+            raise NotAllowed(f"model {model.name!r} does not take one {list(want)} FP32 image")
+        classes = int(np.prod([d for d in model.outputs[0].shape[1:] if d > 0]))
+        if top_k > classes:
+            raise InvalidInput(f"top_k is {top_k}, but the model has {classes} classes")
+        return params, top_k or min(DEFAULT_TOP_K, classes)
+
+    async def _image(
+        self, model: ModelVersion, index: int, data: bytes, params: PreprocessParams
+    ) -> np.ndarray:
+        started = time.perf_counter_ns()
+        loop = asyncio.get_running_loop()
+        array = await loop.run_in_executor(self._pool, _decode, index, data, params, self.limits)
+        if self.metrics is not None:
+            labels = (model.name, str(model.version))
+            seconds = (time.perf_counter_ns() - started) / 1e9
+            self.metrics.preprocess_duration.labels(*labels).observe(seconds)
+        return array
+
+    async def classify(
+        self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClassifyResponse:
+        if not request.model_name:
+            raise InvalidInput("model_name is empty")
+        if not request.images:
+            raise InvalidInput("no images to classify")
+        with (
+            self.registry.lease(request.model_name, request.model_version) as model,
+            observe(
+                model.stats,
+                self.metrics,
+                (model.name, str(model.version)),
+                request_id=request.id,
+                log_rate=self.request_log_rate,
+            ) as seen,
+        ):
+            params, top_k = self._check(model, request.top_k)
+            arrays = await asyncio.gather(
+                *(self._image(model, i, data, params) for i, data in enumerate(request.images))
+            )
+            deadline = deadline_ns(context, None)
+            name = model.inputs[0].name
+            results = await asyncio.gather(
+                *(model.infer({name: a[np.newaxis]}, 1, deadline) for a in arrays)
+            )
+            response = pb.ClassifyResponse(
+                model_name=model.name, model_version=str(model.version), id=request.id
+            )
+            labels = model.labels.get(model.output_names[0], [])
+            for result in results:
+                probabilities = _softmax(result.outputs[0].reshape(-1))
+                entry = response.results.add()
+                for i in np.argsort(-probabilities, kind="stable")[:top_k]:
+                    label = labels[i] if i < len(labels) else str(i)
+                    entry.classes.add(index=int(i), label=label, score=float(probabilities[i]))
+            seen.succeeded(len(results), results)
+            return response
+
+    @rpc("Classify")
+    async def Classify(
+        self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClassifyResponse:
+        return await self.classify(request, context)
+
+    async def ClassifyStream(
+        self, request_iterator: AsyncIterator[pb.ClassifyRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ClassifyStreamResponse]:
+        """One answer per request, in order; an error answers that request only."""
+        async for request in request_iterator:
+            try:
+                if self.draining:
+                    raise ServerDraining("the server is shutting down")
+                yield pb.ClassifyStreamResponse(response=await self.classify(request, context))
+            except CnnserveError as exc:
+                failed = pb.ClassifyStreamResponse(error_code=exc.code, error_message=str(exc))
+                failed.response.model_name = request.model_name
+                failed.response.id = request.id
+                yield failed
