@@ -26,6 +26,7 @@ from cnnserve.server.config import Settings
 from cnnserve.server.interceptors import CallCounter
 from cnnserve.server.metrics import Metrics
 from cnnserve.server.registry import Registry
+from cnnserve.server.security import TokenAuth, server_credentials
 from cnnserve.server.servicer import InferenceServicer
 from cnnserve.v1 import classification_pb2_grpc, grpc_service_pb2_grpc
 
@@ -105,19 +106,18 @@ class Server:
         address = f"{s.host}:{s.grpc_port}"
         if s.tls_cert is None or s.tls_key is None:
             return server.add_insecure_port(address)
-        ca = s.tls_client_ca.read_bytes() if s.tls_client_ca else None
-        credentials = grpc.ssl_server_credentials(
-            [(s.tls_key.read_bytes(), s.tls_cert.read_bytes())],
-            root_certificates=ca,
-            require_client_auth=ca is not None,
-        )
+        credentials = server_credentials(s.tls_cert, s.tls_key, s.tls_client_ca)
         return server.add_secure_port(address, credentials)
 
     async def start(self) -> None:
         """Open the ports, load the models, then report SERVING."""
-        server = grpc.aio.server(
-            interceptors=[CallCounter(self.metrics)], options=self._grpc_options()
-        )
+        s = self.settings
+        interceptors: list[grpc.aio.ServerInterceptor] = [CallCounter(self.metrics)]
+        if s.auth_token_file or s.admin_token_file:
+            open_health = s.open_health == "true"
+            auth = TokenAuth(s.auth_token_file, s.admin_token_file, open_health=open_health)
+            interceptors.append(auth)
+        server = grpc.aio.server(interceptors=interceptors, options=self._grpc_options())
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.inference, server)
         classification_pb2_grpc.add_ImageClassifierServicer_to_server(self.classifier, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

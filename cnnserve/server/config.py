@@ -69,6 +69,21 @@ class Settings:
     tls_client_ca: Path | None = field(
         default=None, metadata={"help": "CA for client certificates (enables mutual TLS)"}
     )
+    auth_token_file: Path | None = field(
+        default=None,
+        metadata={"help": "file of bearer tokens callers must send, one per line"},
+    )
+    admin_token_file: Path | None = field(
+        default=None,
+        metadata={"help": "file of tokens allowed to load and unload models, one per line"},
+    )
+    open_health: str = field(
+        default="true",
+        metadata={
+            "help": "health and reflection need no token: true | false",
+            "choices": ("true", "false"),
+        },
+    )
 
     def validate(self) -> None:
         if self.model_control_mode not in CONTROL_MODES:
@@ -79,6 +94,10 @@ class Settings:
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "admin_token_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"--{name.replace('_', '-')} {path}: no such file")
         if not 0.0 <= self.request_log_rate <= 1.0:
             raise ValueError("--request-log-rate must be between 0 and 1")
         if self.max_queue_size < 1:

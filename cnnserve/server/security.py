@@ -1,0 +1,164 @@
+"""Transport security and caller authentication.
+
+- TLS credentials are re-read when the certificate, key or client CA files
+  change: gRPC asks for them at each new handshake, so a rotated certificate
+  takes effect without a restart.
+- `TokenAuth` checks `authorization: Bearer <token>` on every call, in
+  constant time, against tokens re-read when their file changes. Health and
+  reflection may stay open; repository control needs an admin token when one
+  is configured (PERMISSION_DENIED for a valid non-admin token).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/")
+ADMIN_METHODS = (
+    "/inference.GRPCInferenceService/RepositoryModelLoad",
+    "/inference.GRPCInferenceService/RepositoryModelUnload",
+)
+_RECHECK_SECS = 1.0
+
+
+class WatchedFile:
+    """A small file's content, re-read when its modification time or size changes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp: tuple[int, int] | None = None
+        self._content = b""
+        self._checked = 0.0
+        self.read()
+
+    def read(self) -> bytes:
+        st = os.stat(self.path)
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp != self._stamp:
+            self._content = self.path.read_bytes()
+            self._stamp = stamp
+        return self._content
+
+    def changed(self) -> bool:
+        """True once after the file changed; checks the disk at most once a second."""
+        now = time.monotonic()
+        if now - self._checked < _RECHECK_SECS:
+            return False
+        self._checked = now
+        before = self._stamp
+        try:
+            self.read()
+        except OSError as exc:
+            log.warning("cannot re-read %s: %s; keeping the previous content", self.path, exc)
+            return False
+        return self._stamp != before
+
+
+def _tokens(file: WatchedFile) -> list[bytes]:
+    return [line.strip() for line in file.read().splitlines() if line.strip()]
+
+
+def server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.ServerCredentials:
+    """TLS (mutual when a client CA is given) that picks up rotated files at the next handshake."""
+    files = [WatchedFile(cert), WatchedFile(key)] + ([WatchedFile(client_ca)] if client_ca else [])
+
+    def configuration() -> Any:
+        ca = files[2].read() if len(files) == 3 else None
+        return grpc.ssl_server_certificate_configuration(
+            [(files[1].read(), files[0].read())], root_certificates=ca
+        )
+
+    def fetch() -> Any:
+        changed = [f.changed() for f in files]  # every file, so each records its new stamp
+        if any(changed):
+            log.info("TLS files changed; new connections use the new certificate")
+            return configuration()
+        return None
+
+    return grpc.dynamic_ssl_server_credentials(
+        configuration(), fetch, require_client_authentication=client_ca is not None
+    )
+
+
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+
+
+def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> Any:
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(code, message)
+
+    async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(code, message)
+        yield  # pragma: no cover - makes this an async generator
+
+    kind = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(handler.request_streaming, handler.response_streaming)]
+    behaviour = streaming if handler.response_streaming else unary
+    return kind(behaviour, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)  # fmt: skip
+
+
+class TokenAuth(grpc.aio.ServerInterceptor):
+    def __init__(
+        self, token_file: Path | None, admin_file: Path | None, *, open_health: bool
+    ) -> None:
+        self._users = WatchedFile(token_file) if token_file else None
+        self._admins = WatchedFile(admin_file) if admin_file else None
+        self._open_health = open_health
+
+    @staticmethod
+    def _presented(details: grpc.HandlerCallDetails) -> bytes | None:
+        for key, value in details.invocation_metadata or ():
+            if key == "authorization":
+                text = value.decode() if isinstance(value, bytes) else value
+                scheme, _, token = text.partition(" ")
+                return token.strip().encode() if scheme.lower() == "bearer" else None
+        return None
+
+    @staticmethod
+    def _matches(token: bytes, allowed: list[bytes]) -> bool:
+        # Compare with every allowed token so the time taken does not tell which matched.
+        found = False
+        for candidate in allowed:
+            found |= hmac.compare_digest(token, candidate)
+        return found
+
+    def check(self, details: grpc.HandlerCallDetails) -> tuple[grpc.StatusCode, str] | None:
+        """None when the call may proceed, else the status and message to refuse it with."""
+        method = details.method
+        if self._open_health and method.startswith(OPEN_SERVICES):
+            return None
+        token = self._presented(details)
+        admins = _tokens(self._admins) if self._admins else []
+        users = _tokens(self._users) if self._users else []
+        is_admin = token is not None and self._matches(token, admins)
+        if users and not is_admin and (token is None or not self._matches(token, users)):
+            return grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token"
+        if method in ADMIN_METHODS and admins and not is_admin:
+            if token is None:
+                return grpc.StatusCode.UNAUTHENTICATED, "repository control needs a bearer token"
+            return grpc.StatusCode.PERMISSION_DENIED, "repository control needs the admin token"
+        return None
+
+    async def intercept_service(
+        self, continuation: Continuation, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        refusal = self.check(details)
+        if handler is None or refusal is None:
+            return handler
+        return _refusal(handler, *refusal)
