@@ -75,3 +75,55 @@ def write_slow(
     onnx.save(model, model_dir / "1" / "model.onnx")
     (model_dir / "config.pbtxt").write_text(config)
     return model_dir
+
+
+def write_echo_bytes(repository: Path, name: str = "echo") -> Path:
+    """A BYTES model: s [N, 2] strings → t [N, 2], the same strings (Identity)."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["s"], ["t"])],
+        name,
+        [helper.make_tensor_value_info("s", TensorProto.STRING, ["N", 2])],
+        [helper.make_tensor_value_info("t", TensorProto.STRING, ["N", 2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    model_dir = repository / name
+    (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    onnx.save(model, model_dir / "1" / "model.onnx")
+    (model_dir / "config.pbtxt").write_text(
+        'max_batch_size: 4\ninput { name: "s" data_type: TYPE_STRING dims: [2] }\n'
+        'output { name: "t" data_type: TYPE_STRING dims: [2] }\ndynamic_batching { }\n'
+    )
+    return model_dir
+
+
+def write_tiny_image(repository: Path, name: str = "pixels") -> Path:
+    """An image classifier in miniature: [N, 1, 8, 8] grayscale → 3 scores, with preprocessing."""
+    rng = np.random.default_rng(3)
+    weights = rng.standard_normal((64, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+            helper.make_node("MatMul", ["flat", "W"], ["logits"]),
+        ],
+        name,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(weights, "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    model_dir = repository / name
+    (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    onnx.save(model, model_dir / "1" / "model.onnx")
+    params = {"color": "L", "resize": "8", "crop": "8", "mean": "0.5", "std": "0.25"}
+    lines = "".join(
+        f'parameters {{ key: "{k}" value {{ string_value: "{v}" }} }}\n' for k, v in params.items()
+    )
+    (model_dir / "config.pbtxt").write_text(
+        "max_batch_size: 16\ndynamic_batching { max_queue_delay_microseconds: 1000 }\n"
+        'output { name: "logits" data_type: TYPE_FP32 dims: [3] label_filename: "labels.txt" }\n'
+        + lines
+    )
+    (model_dir / "labels.txt").write_text("zero\none\ntwo\n")
+    return model_dir

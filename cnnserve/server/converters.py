@@ -75,7 +75,7 @@ def _check_shape(
 def _from_raw(raw: bytes, spec: TensorSpec, shape: tuple[int, ...]) -> np.ndarray:
     count = math.prod(shape)
     if spec.datatype == "BYTES":
-        return np.array(_split_bytes(raw, count, spec.name), dtype=np.object_).reshape(shape)
+        return _strings(_split_bytes(raw, count, spec.name), shape, spec.name)
     want = count * element_size(spec.datatype)
     if len(raw) != want:
         raise InvalidInput(
@@ -102,6 +102,16 @@ def _split_bytes(raw: bytes, count: int, name: str) -> list[bytes]:
     return items
 
 
+def _strings(items: Sequence[bytes], shape: tuple[int, ...], name: str) -> np.ndarray:
+    """BYTES elements as the str objects onnxruntime's string tensors take (UTF-8 only)."""
+    array = np.empty(len(items), dtype=np.object_)
+    try:
+        array[:] = [bytes(item).decode("utf-8") for item in items]
+    except UnicodeDecodeError:
+        raise InvalidInput(f"input {name!r}: BYTES elements must be UTF-8 text") from None
+    return array.reshape(shape)
+
+
 def _from_typed(
     contents: pb.InferTensorContents, spec: TensorSpec, shape: tuple[int, ...]
 ) -> np.ndarray:
@@ -114,6 +124,8 @@ def _from_typed(
         raise InvalidInput(
             f"input {spec.name!r}: {len(values)} values in {field}, expected {count}"
         )
+    if spec.datatype == "BYTES":
+        return _strings(values, shape, spec.name)
     try:
         return np.array(values, dtype=numpy_dtype(spec.datatype)).reshape(shape)
     except (OverflowError, ValueError) as exc:
@@ -121,7 +133,7 @@ def _from_typed(
 
 
 def _outputs(request: pb.ModelInferRequest, specs: Sequence[TensorSpec]) -> list[tuple[str, int]]:
-    known = {s.name for s in specs}
+    known = {s.name: s for s in specs}
     if not request.outputs:
         return [(s.name, 0) for s in specs]
     chosen = []
@@ -130,6 +142,8 @@ def _outputs(request: pb.ModelInferRequest, specs: Sequence[TensorSpec]) -> list
             raise InvalidInput(f"unknown output {out.name!r}; the model has {sorted(known)}")
         count = 0
         if "classification" in out.parameters:
+            if known[out.name].datatype in ("BYTES", "BOOL"):
+                raise InvalidInput(f"output {out.name!r} holds no scores to classify")
             count = _param_int(
                 out.parameters["classification"], "classification", ["int64_param", "uint64_param"]
             )
@@ -243,7 +257,11 @@ def encode_response(
             continue
         out.datatype = from_numpy(array.dtype)
         out.shape.extend(array.shape)
-        response.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
+        if out.datatype == "BYTES":
+            items = [v.encode() if isinstance(v, str) else bytes(v) for v in array.flat]
+            response.raw_output_contents.append(_bytes_tensor(items))
+        else:
+            response.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
 
 
 def _duration(target: pb.StatisticDuration, source: Duration) -> None:
