@@ -50,17 +50,21 @@ def write_tiny(
 def write_slow(
     repository: Path, name: str, config: str, layers: int = 24, width: int = 1024
 ) -> Path:
-    """Like tiny (x [N,4] → y [N,3]) but with `layers` dense layers: milliseconds per row."""
+    """Like tiny (x [N,4] → y [N,3]) but `layers` dense layers deep: milliseconds per row.
+
+    The hidden layers share one weight matrix, so the file stays small.
+    """
     rng = np.random.default_rng(0)
-    nodes, inits = [], []
-    prev = "x"
-    shapes = [(4, width)] + [(width, width)] * layers + [(width, 3)]
-    for i, shape in enumerate(shapes):
-        w = (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)
-        inits.append(numpy_helper.from_array(w, f"W{i}"))
-        out = "y" if i == len(shapes) - 1 else f"h{i}"
-        nodes.append(helper.make_node("MatMul", [prev, f"W{i}"], [out]))
-        prev = out
+
+    def weight(name: str, rows: int, cols: int) -> onnx.TensorProto:
+        w = (rng.standard_normal((rows, cols)) / np.sqrt(rows)).astype(np.float32)
+        return numpy_helper.from_array(w, name)
+
+    inits = [weight("W_in", 4, width), weight("W", width, width), weight("W_out", width, 3)]
+    nodes = [helper.make_node("MatMul", ["x", "W_in"], ["h0"])]
+    for i in range(layers):
+        nodes.append(helper.make_node("MatMul", [f"h{i}", "W"], [f"h{i + 1}"]))
+    nodes.append(helper.make_node("MatMul", [f"h{layers}", "W_out"], ["y"]))
     graph = helper.make_graph(
         nodes,
         name,

@@ -51,6 +51,7 @@ class RunnerOptions:
     intra_op_threads: int = 0  # 0: onnxruntime decides
     inter_op_threads: int = 0
     graph_optimization: str = "all"
+    allow_spinning: bool = False
 
     @classmethod
     def from_parameters(
@@ -75,6 +76,7 @@ class RunnerOptions:
             intra_op_threads=number("intra_op_threads", default_intra),
             inter_op_threads=number("inter_op_threads", 0),
             graph_optimization=level,
+            allow_spinning=params.get("allow_spinning", "false").lower() == "true",
         )
 
 
@@ -121,6 +123,10 @@ class Runner:
         so.inter_op_num_threads = options.inter_op_threads
         so.graph_optimization_level = _GRAPH_LEVELS[options.graph_optimization]
         so.log_severity_level = 3  # our own log says which provider runs
+        # Spinning worker threads would take the cores from the event loop between batches.
+        spin = "1" if options.allow_spinning else "0"
+        so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        so.add_session_config_entry("session.inter_op.allow_spinning", spin)
         wanted = _providers(options)
         try:
             self._session = ort.InferenceSession(str(model_path), so, providers=wanted)
