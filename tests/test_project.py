@@ -93,3 +93,14 @@ def test_serve_refuses_bad_settings_with_one_line() -> None:
     )
     assert result.returncode == 2
     assert result.stderr.strip() == "cnnserve serve: --tls-cert and --tls-key go together"
+
+
+def test_readme_documents_every_serve_option_and_metric() -> None:
+    import dataclasses
+
+    readme = (ROOT / "README.md").read_text()
+    for f in dataclasses.fields(config.Settings):
+        assert f"`--{f.name.replace('_', '-')}" in readme, f.name
+    for line in (ROOT / "deploy" / "metric_names.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            assert f"`{line.split()[0]}" in readme, line
