@@ -26,8 +26,8 @@ $(STAMP): pyproject.toml
 
 models: $(MODELS_STAMP)
 
-$(MODELS_STAMP): $(STAMP) $(wildcard export/*.py)
-	$(CNNSERVE) export lenet5 --repository $(REPOSITORY) --version 1 --force
+$(MODELS_STAMP): $(STAMP) $(wildcard cnnserve/export/*.py) cnnserve/preprocess.py
+	$(CNNSERVE) export lenet5 --dataset digits --repository $(REPOSITORY) --version 1 --force
 	$(CNNSERVE) export resnet18 --weights auto --repository $(REPOSITORY) --version 1 --force
 	touch $@
 

@@ -1,0 +1,72 @@
+"""cnnserve.preprocess: the one image → tensor function shared by training and serving."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnnserve.export.catalog import IMAGENET, LENET
+from cnnserve.preprocess import PreprocessParams, preprocess
+
+
+def photo(width: int, height: int, mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(width * 1000 + height)
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels).convert(mode)
+
+
+@pytest.mark.parametrize("size", [(400, 300), (300, 401), (224, 224), (1000, 257)])
+def test_imagenet_preprocessing_matches_torchvision_weight_transforms(
+    size: tuple[int, int],
+) -> None:
+    from torchvision.models import ResNet18_Weights
+
+    image = photo(*size)
+    expected = ResNet18_Weights.DEFAULT.transforms()(image).numpy()
+    actual = preprocess(image, IMAGENET.to_config())
+    assert actual.shape == expected.shape == (3, 224, 224)
+    np.testing.assert_allclose(actual, expected, atol=1e-5)
+
+
+def test_encoded_bytes_and_pil_images_give_the_same_array() -> None:
+    image = photo(64, 48)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    np.testing.assert_array_equal(
+        preprocess(buffer.getvalue(), IMAGENET), preprocess(image, IMAGENET)
+    )
+
+
+def test_grayscale_model_gets_one_channel_from_a_color_image() -> None:
+    array = preprocess(photo(28, 28), LENET)
+    assert array.shape == (1, 32, 32)
+    assert array.dtype == np.float32
+
+
+def test_parameters_round_trip_through_their_config_strings() -> None:
+    for params in (IMAGENET, LENET):
+        assert PreprocessParams.from_config(params.to_config()) == params
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"color": "CMYK"}, "color"),
+        ({"crop": "300"}, "crop"),
+        ({"mean": "0.5"}, "3 value"),
+        ({"std": "0,1,1"}, "positive"),
+    ],
+)
+def test_bad_parameters_are_refused_with_a_reason(change: dict[str, str], words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        PreprocessParams.from_config({**IMAGENET.to_config(), **change})
+
+
+def test_missing_parameter_is_named() -> None:
+    config = IMAGENET.to_config()
+    del config["resize"]
+    with pytest.raises(ValueError, match="resize"):
+        PreprocessParams.from_config(config)
