@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "classify": ("cnnserve.client.cli_classify", "classify image files with a running server"),
     "models": ("cnnserve.client.cli_models", "list the models a running server serves"),
     "loadtest": ("cnnserve.client.loadtest", "measure throughput and latency of a server"),
+    "soak": ("cnnserve.client.soak", "a bounded run of load, reloads, bad inputs and restarts"),
 }
 
 
