@@ -98,6 +98,10 @@ class Server:
             ("grpc.keepalive_timeout_ms", 20_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.max_connection_idle_ms", 15 * 60_000),
+            # Connections are closed (gracefully) every few minutes so that clients
+            # balancing over a headless Service re-resolve it and find new pods.
+            ("grpc.max_connection_age_ms", 5 * 60_000),
+            ("grpc.max_connection_age_grace_ms", int(self.settings.grace_period_secs * 1000)),
             ("grpc.max_concurrent_streams", 1024),
         ]
 
