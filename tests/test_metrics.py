@@ -146,3 +146,15 @@ def test_unloaded_model_leaves_no_series(traffic: Running) -> None:
     for name, samples in m.items():
         if name.startswith("cnnserve_") and not name.startswith("cnnserve_grpc"):
             assert not [s for s in samples if s.labels.get("model") == "tiny"], name
+
+
+def test_process_series_are_exported_and_gpu_series_only_with_a_gpu(traffic: Running) -> None:
+    from cnnserve.server.metrics import _GpuCollector
+
+    m = scrape(traffic)
+    assert value(m, "process_resident_memory_bytes") > 0
+    gpu_series = [name for name in m if name.startswith("cnnserve_gpu_")]
+    if _GpuCollector()._nvml is None:
+        assert gpu_series == []
+    else:
+        assert "cnnserve_gpu_memory_used_bytes" in gpu_series

@@ -11,8 +11,16 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+)
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -69,12 +77,54 @@ class _StateCollector(Collector):
         yield from (pending, ready, load, provider)
 
 
+class _GpuCollector(Collector):
+    """GPU utilisation and memory through NVML; no series at all where there is no GPU."""
+
+    def __init__(self) -> None:
+        self._nvml: Any = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            if pynvml.nvmlDeviceGetCount() > 0:
+                self._nvml = pynvml
+        except Exception:  # no library, no driver or no device: nothing to report
+            self._nvml = None
+
+    def collect(self) -> Iterator[Metric]:
+        if self._nvml is None:
+            return
+        nvml = self._nvml
+        utilization = GaugeMetricFamily(
+            "cnnserve_gpu_utilization_ratio",
+            "Fraction of the last sample period the GPU was busy.",
+            labels=["gpu"],
+        )
+        used = GaugeMetricFamily(
+            "cnnserve_gpu_memory_used_bytes", "GPU memory used.", labels=["gpu"]
+        )
+        total = GaugeMetricFamily(
+            "cnnserve_gpu_memory_total_bytes", "GPU memory in all.", labels=["gpu"]
+        )
+        for index in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+            rates = nvml.nvmlDeviceGetUtilizationRates(handle)
+            utilization.add_metric([str(index)], rates.gpu / 100.0)
+            used.add_metric([str(index)], float(memory.used))
+            total.add_metric([str(index)], float(memory.total))
+        yield from (utilization, used, total)
+
+
 class Metrics:
     """The metric families of one server; see the README's Metrics section."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # The standard process_*, python_* and python_gc_* series, in our own registry.
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR, _GpuCollector()):
+            r.register(collector)
         self.requests = Counter(
             "cnnserve_inference_requests",
             "Inference requests by outcome (success, or the gRPC status code name).",
