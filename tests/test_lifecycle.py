@@ -144,7 +144,10 @@ dynamic_batching { max_queue_delay_microseconds: 1000 }
 """
 
 
-def test_sigterm_during_load_finishes_in_flight_requests_and_exits_0(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_stop_signal_during_load_finishes_in_flight_requests_and_exits_0(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
     write_slow(tmp_path / "repo", "slow", SLOW_CONFIG)
     with (
         server_process(
@@ -159,7 +162,7 @@ def test_sigterm_during_load_finishes_in_flight_requests_and_exits_0(tmp_path: P
         stub.ModelInfer(request, timeout=30)  # warm connection
         in_flight = [stub.ModelInfer.future(request, timeout=60) for _ in range(40)]
         time.sleep(0.05)
-        child.process.send_signal(signal.SIGTERM)
+        child.process.send_signal(sig)
         codes: Counter[str] = Counter()
         for call in in_flight:
             try:
