@@ -44,7 +44,7 @@ def test_server_does_not_import_torch() -> None:
 def parse(*argv: str, env: dict[str, str] | None = None) -> config.Settings:
     parser = argparse.ArgumentParser()
     config.add_arguments(parser)
-    return config.from_args(parser.parse_args(list(argv)), env or {})
+    return config.from_args(parser.parse_args(["--repository", str(ROOT), *argv]), env or {})
 
 
 def test_settings_come_from_flags_then_environment_then_defaults() -> None:
@@ -60,7 +60,7 @@ def test_settings_come_from_flags_then_environment_then_defaults() -> None:
     assert from_env.log_format == "json"
     assert parse("--grpc-port", "7001", env=env).grpc_port == 7001
     assert parse("--load-model", "x", "--load-model", "y").load_model == ("x", "y")
-    assert parse("--repository", "/r").repository == Path("/r")
+    assert parse("--repository", "/tmp").repository == Path("/tmp")
 
 
 @pytest.mark.parametrize(
@@ -69,6 +69,8 @@ def test_settings_come_from_flags_then_environment_then_defaults() -> None:
         ({"CNNSERVE_GRPC_PORT": "eighty"}, "CNNSERVE_GRPC_PORT"),
         ({"CNNSERVE_MODEL_CONTROL_MODE": "sometimes"}, "control mode"),
         ({"CNNSERVE_TLS_CERT": "/c.pem"}, "--tls-key"),
+        ({"CNNSERVE_TLS_CERT": "/c.pem", "CNNSERVE_TLS_KEY": "/k.pem"}, "no such file"),
+        ({"CNNSERVE_REQUEST_LOG_RATE": "2"}, "between 0 and 1"),
     ],
 )
 def test_bad_settings_are_refused_with_a_reason(env: dict[str, str], words: str) -> None:
@@ -76,23 +78,18 @@ def test_bad_settings_are_refused_with_a_reason(env: dict[str, str], words: str)
         parse(env=env)
 
 
-def test_serve_refuses_bad_settings_with_one_line() -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cnnserve",
-            "serve",
-            "--model-control-mode",
-            "poll",
-            "--tls-cert",
-            "x",
-        ],
-        capture_output=True,
-        text=True,
-    )
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tls-cert", "x"], "--tls-cert and --tls-key go together"),
+        (["--repository", "/nonexistent"], "model repository /nonexistent is not a folder"),
+    ],
+)
+def test_serve_refuses_bad_settings_with_one_line(args: list[str], message: str) -> None:
+    command = [sys.executable, "-m", "cnnserve", "serve", *args]
+    result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 2
-    assert result.stderr.strip() == "cnnserve serve: --tls-cert and --tls-key go together"
+    assert result.stderr.strip() == f"cnnserve serve: {message}"
 
 
 def test_readme_documents_every_serve_option_and_metric() -> None:

@@ -26,6 +26,7 @@ from cnnserve.server.config import Settings
 from cnnserve.server.interceptors import CallCounter
 from cnnserve.server.metrics import Metrics
 from cnnserve.server.registry import Registry
+from cnnserve.server.repository import list_models
 from cnnserve.server.security import TokenAuth, server_credentials
 from cnnserve.server.servicer import InferenceServicer
 from cnnserve.v1 import classification_pb2_grpc, grpc_service_pb2_grpc
@@ -155,8 +156,6 @@ class Server:
         elif s.model_control_mode == "explicit":
             names = []
         else:
-            from cnnserve.server.repository import list_models
-
             names = await asyncio.to_thread(list_models, s.repository)
         await self.registry.load_many(names)
 

@@ -98,6 +98,8 @@ class Settings:
             path = getattr(self, name)
             if path is not None and not path.is_file():
                 raise ValueError(f"--{name.replace('_', '-')} {path}: no such file")
+        if not self.repository.is_dir():
+            raise ValueError(f"model repository {self.repository} is not a folder")
         if not 0.0 <= self.request_log_rate <= 1.0:
             raise ValueError("--request-log-rate must be between 0 and 1")
         if self.max_queue_size < 1:
