@@ -137,7 +137,7 @@ class ClassifierServicer(classification_pb2_grpc.ImageClassifierServicer):
             arrays = await asyncio.gather(
                 *(self._image(model, i, data, params) for i, data in enumerate(request.images))
             )
-            deadline = deadline_ns(context, None)
+            deadline = deadline_ns(context, model.default_timeout_us)
             name = model.inputs[0].name
             results = await asyncio.gather(
                 *(model.infer({name: a[np.newaxis]}, 1, deadline) for a in arrays)

@@ -113,6 +113,9 @@ class ModelVersion:
         try:
             self._describe()
             self.batching = _batching(self.config, default_queue)
+            policy = self.config.dynamic_batching.default_queue_policy
+            # The queue policy's timeout applies to requests that carry none of their own.
+            self.default_timeout_us = policy.default_timeout_microseconds or None
             self._warm_up()
         except BaseException:
             self._close_runners()

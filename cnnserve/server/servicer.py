@@ -195,7 +195,9 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 request, model.inputs, model.outputs, model.config.max_batch_size
             )
             result = await model.infer(
-                decoded.inputs, decoded.rows, deadline_ns(context, decoded.timeout_us)
+                decoded.inputs,
+                decoded.rows,
+                deadline_ns(context, decoded.timeout_us or model.default_timeout_us),
             )
             response = pb.ModelInferResponse(
                 model_name=model.name, model_version=str(model.version), id=request.id
