@@ -6,6 +6,7 @@ import statistics
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -110,3 +111,32 @@ def test_reload_storm_loses_no_request_and_leaks_no_session(tmp_path: Path) -> N
         assert [m.version for m in loaded] == [7]
         wait_for(lambda: runner_threads() - baseline <= 1, timeout=30)
     assert load.errors == []
+
+
+def test_idle_connections_and_slow_streams_do_not_starve_others(tmp_path: Path) -> None:
+    write_tiny(tmp_path)
+    with server_in_thread(tmp_path) as srv:
+        idle = [grpc.insecure_channel(srv.url) for _ in range(100)]
+        for channel in idle:
+            rpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=10)
+        slow_channel = grpc.insecure_channel(srv.url)
+        release = threading.Event()
+
+        def trickle() -> Iterator[pb.ModelInferRequest]:
+            yield one_row("tiny")
+            release.wait(30)  # a client that opens a stream and then goes quiet
+
+        slow = rpc.GRPCInferenceServiceStub(slow_channel).ModelStreamInfer(trickle(), timeout=60)
+        first = next(slow)
+        assert not first.error_message
+        try:
+            with grpc.insecure_channel(srv.url) as channel:
+                stub = rpc.GRPCInferenceServiceStub(channel)
+                answers = [stub.ModelInfer(one_row("tiny"), timeout=5) for _ in range(50)]
+            assert all(len(a.raw_output_contents[0]) == 12 for a in answers)
+        finally:
+            release.set()
+            list(slow)
+            slow_channel.close()
+            for channel in idle:
+                channel.close()
