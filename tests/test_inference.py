@@ -15,7 +15,7 @@ import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
 from tests.servers import Running, server_in_thread
-from tests.tiny import TINY_WEIGHTS, write_tiny
+from tests.tiny import TINY_CONFIG, TINY_WEIGHTS, write_tiny
 
 
 @pytest.fixture(scope="module")
@@ -236,3 +236,83 @@ def test_health_and_reflection_list_both_services(server: Running) -> None:
             "inference.GRPCInferenceService"
         )
         assert described.name == "cnnserve/v1/grpc_service.proto"
+
+
+TRITON_STYLE_CONFIG = """
+name: "fixed_onnx"
+platform: "onnxruntime_onnx"
+max_batch_size : 0
+input [
+  {
+    name: "x"
+    data_type: TYPE_FP32
+    format: FORMAT_NONE
+    dims: [ 4 ]
+    reshape { shape: [ 1, 4 ] }
+  }
+]
+output [
+  {
+    name: "y"
+    data_type: TYPE_FP32
+    dims: [ 3 ]
+    reshape { shape: [ 1, 3 ] }
+    label_filename: "labels.txt"
+  }
+]
+instance_group [ { count: 2, kind: KIND_CPU } ]
+optimization { execution_accelerators { gpu_execution_accelerator : [ { name : "tensorrt" } ] } }
+model_warmup [
+  {
+    name: "random"
+    batch_size: 1
+    count: 2
+    inputs { key: "x" value { data_type: TYPE_FP32 dims: [ 4 ] random_data: true } }
+  }
+]
+"""
+
+
+def test_a_triton_onnx_repository_loads_as_is(tmp_path: Path) -> None:
+    import onnx
+
+    from tests.tiny import tiny_model
+
+    model = tiny_model()
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 1  # a fixed [1, n] graph, no batch axis
+    (tmp_path / "fixed_onnx" / "1").mkdir(parents=True)
+    onnx.save(model, tmp_path / "fixed_onnx" / "1" / "model.onnx")
+    (tmp_path / "fixed_onnx" / "config.pbtxt").write_text(TRITON_STYLE_CONFIG)
+    (tmp_path / "fixed_onnx" / "labels.txt").write_text("alpha\nbeta\ngamma\n")
+    with server_in_thread(tmp_path) as running:
+        c = tc.InferenceServerClient(running.url)
+        meta = c.get_model_metadata("fixed_onnx", as_json=True)
+        assert meta["inputs"][0]["shape"] == ["4"]
+        x = np.array([1, 2, 3, 4], np.float32)
+        result = c.infer("fixed_onnx", [infer_input(x)])
+        np.testing.assert_allclose(result.as_numpy("y"), x @ TINY_WEIGHTS, rtol=1e-5, atol=1e-6)
+        top = c.infer(
+            "fixed_onnx", [infer_input(x)], outputs=[tc.InferRequestedOutput("y", class_count=1)]
+        )
+        assert top.as_numpy("y")[0].decode().endswith(":gamma")
+        assert len(running.server.registry.get("fixed_onnx").runners) == 2
+        c.close()
+
+
+def test_warmup_reads_data_files_and_a_missing_one_is_the_reason(tmp_path: Path) -> None:
+    warm = TINY_CONFIG + (
+        'model_warmup { name: "file" batch_size: 2 '
+        'inputs { key: "x" value { data_type: TYPE_FP32 dims: [4] input_data_file: "x.bin" } } }'
+    )
+    good = write_tiny(tmp_path, "warm", config=warm)
+    (good / "warmup").mkdir()
+    np.ones(8, np.float32).tofile(good / "warmup" / "x.bin")
+    write_tiny(tmp_path, "cold", config=warm)  # no warmup/x.bin
+    with server_in_thread(tmp_path) as running:
+        c = tc.InferenceServerClient(running.url)
+        index = {m["name"]: m for m in c.get_model_repository_index(as_json=True)["models"]}
+        assert index["warm"]["state"] == "READY"
+        assert index["cold"]["state"] == "UNAVAILABLE"
+        assert "x.bin" in index["cold"]["reason"]
+        c.close()

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,19 +65,27 @@ def _complete(config: mc.ModelConfig, kind: str, graph: list[Any]) -> list[Tenso
         if datatype is None or from_onnx_type(arg.type) != datatype:
             raise ModelLoadError(f"{kind} {entry.name!r}: config type does not match {arg.type}")
         shape = batch + tuple(entry.dims)
+        # With `reshape`, clients use `dims` and the graph sees `reshape.shape` (Triton's rule).
+        model_shape = batch + tuple(entry.reshape.shape) if entry.HasField("reshape") else shape
         graph_dims = _onnx_dims(arg.shape)
-        if len(graph_dims) != len(shape) or any(
-            g not in (-1, c) for g, c in zip(graph_dims, shape, strict=True)
+        if len(graph_dims) != len(model_shape) or any(
+            g not in (-1, c) for g, c in zip(graph_dims, model_shape, strict=True)
         ):
             raise ModelLoadError(
-                f"{kind} {entry.name!r}: config shape {list(shape)} does not match the ONNX "
-                f"model's {list(graph_dims)}"
+                f"{kind} {entry.name!r}: config shape {list(model_shape)} does not match the "
+                f"ONNX model's {list(graph_dims)}"
             )
-        specs.append(TensorSpec(entry.name, datatype, shape))
+        if entry.HasField("reshape") and _count(shape) != _count(model_shape):
+            raise ModelLoadError(f"{kind} {entry.name!r}: reshape changes the element count")
+        specs.append(TensorSpec(entry.name, datatype, shape, model_shape))
     if kind == "input" and len(declared) != len(graph):
         missing = sorted(set(by_name) - {e.name for e in declared})
         raise ModelLoadError(f"the config does not declare ONNX inputs {missing}")
     return specs
+
+
+def _count(shape: tuple[int, ...]) -> int:
+    return int(np.prod([d for d in shape if d > 0]))
 
 
 def _batching(config: mc.ModelConfig, default_queue: int) -> BatchingOptions:
@@ -105,6 +114,7 @@ class ModelVersion:
         self.config.CopyFrom(source.config)
         self.labels = source.labels
         self.parameters = {k: v.string_value for k, v in self.config.parameters.items()}
+        self._source_dir = source.path
         self.stats = VersionStats()
         self._in_use = 0
         self._idle = asyncio.Event()
@@ -153,20 +163,47 @@ class ModelVersion:
         self.inputs = _complete(self.config, "input", graph_inputs)
         self.outputs = _complete(self.config, "output", list(self.runners[0].outputs))
         self.output_names = [o.name for o in self.outputs]
+        self._reshapes_outputs = any(o.shape != o.model_shape for o in self.outputs)
 
     def _warm_up(self) -> None:
-        """Run each session once so the first request does not pay for lazy initialisation."""
-        rows = 1 if self.config.max_batch_size > 0 else None
+        """Run each session before it serves, so no request pays for lazy initialisation.
+
+        The config's `model_warmup` entries run as written (zero, random, or raw data from
+        the model's `warmup/` folder, `count` times); without any, one batch of zeros.
+        """
+        plans = list(self.config.model_warmup) or [mc.ModelWarmup(name="zeros", batch_size=1)]
+        for plan in plans:
+            feeds = self._warmup_feeds(plan)
+            if feeds is None:
+                continue
+            for runner in self.runners:
+                for _ in range(max(1, plan.count)):
+                    runner.run(feeds, self.output_names)
+
+    def _warmup_feeds(self, plan: mc.ModelWarmup) -> dict[str, np.ndarray] | None:
+        rows = max(1, plan.batch_size)
         feeds = {}
+        rng = np.random.default_rng(0)
         for spec in self.inputs:
             if spec.datatype == "BYTES":
-                return
-            shape = [1 if d < 0 else d for d in spec.shape]
-            if rows is not None:
+                return None  # nothing sensible to invent for strings
+            shape = [1 if d < 0 else d for d in spec.model_shape]
+            if self.config.max_batch_size > 0:
                 shape[0] = rows
-            feeds[spec.name] = np.zeros(shape, dtype=numpy_dtype(spec.datatype))
-        for runner in self.runners:
-            runner.run(feeds, self.output_names)
+            dtype = numpy_dtype(spec.datatype)
+            given = plan.inputs.get(spec.name)
+            if given is not None and given.WhichOneof("input_data_type") == "random_data":
+                feeds[spec.name] = rng.random(shape).astype(dtype)
+            elif given is not None and given.input_data_file:
+                path = self._source_dir / "warmup" / Path(given.input_data_file).name
+                try:
+                    data = np.fromfile(path, dtype=dtype)
+                    feeds[spec.name] = data[: int(np.prod(shape))].reshape(shape)
+                except (OSError, ValueError) as exc:
+                    raise ModelLoadError(f"warm-up {plan.name!r}: {path.name}: {exc}") from exc
+            else:
+                feeds[spec.name] = np.zeros(shape, dtype=dtype)
+        return feeds
 
     def start(self, metrics: Metrics | None) -> None:
         """Start the batcher on the running event loop."""
@@ -188,7 +225,16 @@ class ModelVersion:
         self, inputs: Mapping[str, np.ndarray], rows: int, deadline_ns: int | None
     ) -> JobResult:
         assert self.batcher is not None, "start() first"
-        return await self.batcher.submit(dict(inputs), rows, deadline_ns)
+        feeds = {
+            spec.name: _reshape(inputs[spec.name], spec.model_shape, rows) for spec in self.inputs
+        }
+        result = await self.batcher.submit(feeds, rows, deadline_ns)
+        if not self._reshapes_outputs:
+            return result
+        outputs = [
+            _reshape(o, s.shape, rows) for o, s in zip(result.outputs, self.outputs, strict=True)
+        ]
+        return JobResult(outputs, result.queue_ns, result.timings)
 
     def acquire(self) -> None:
         """Mark one caller using this version; `close` waits until every caller released it."""
@@ -216,3 +262,13 @@ class ModelVersion:
     def _close_runners(self) -> None:
         for runner in self.runners:
             runner.close()
+
+
+def _reshape(array: np.ndarray, shape: tuple[int, ...], rows: int) -> np.ndarray:
+    """`array` in `shape`, the batch axis (-1 first) taking `rows`; a view, never a copy."""
+    if len(shape) == array.ndim and all(
+        w in (-1, g) for w, g in zip(shape, array.shape, strict=True)
+    ):
+        return array
+    target = tuple(rows if i == 0 and d < 0 else d for i, d in enumerate(shape))
+    return array.reshape(target)

@@ -67,12 +67,18 @@ class TensorSpec:
     """A model input or output as clients see it.
 
     `shape` includes the batch dimension (-1) when the model batches; -1 marks
-    any variable dimension, as in the protocol's metadata.
+    any variable dimension, as in the protocol's metadata. `model_shape` is what
+    the graph takes or gives, which differs only under a config `reshape`.
     """
 
     name: str
     datatype: str
     shape: tuple[int, ...]
+    model_shape: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.model_shape:
+            object.__setattr__(self, "model_shape", self.shape)
 
     def matches(self, shape: tuple[int, ...]) -> bool:
         return len(shape) == len(self.shape) and all(
