@@ -192,3 +192,18 @@ def test_calls_after_sigterm_are_refused_as_unavailable(tmp_path: Path) -> None:
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
             assert all(call.result() is not None for call in busy)
         assert child.process.wait(60) == 0
+
+
+def test_requests_during_startup_are_unavailable_not_unknown(tmp_path: Path) -> None:
+    from cnnserve.server.errors import ModelNotFound, ModelNotReady
+    from cnnserve.server.metrics import Metrics
+    from cnnserve.server.registry import Registry
+
+    write_tiny(tmp_path)
+    registry = Registry(tmp_path, default_queue=8, metrics=Metrics())
+    registry.starting = True
+    with pytest.raises(ModelNotReady, match="starting"):
+        registry.get("tiny")
+    registry.starting = False
+    with pytest.raises(ModelNotFound):
+        registry.get("tiny")

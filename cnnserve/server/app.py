@@ -135,6 +135,7 @@ class Server:
         reflection.enable_server_reflection(names, server, pool=_reflection_pool())
         self.grpc_port = self._bind(server)
         await self.health.set("", NOT_SERVING)
+        self.registry.starting = True
         await server.start()
         self._grpc = server
         if self.settings.metrics_port >= 0:
@@ -144,6 +145,7 @@ class Server:
             self._http = httpd
             self.metrics_port = httpd.server_port
         await self._load_initial()
+        self.registry.starting = False
         self.inference.started = True
         await self.health.set("", SERVING)
         if self.settings.model_control_mode == "poll":

@@ -10,6 +10,7 @@ versions serving and records the reason for RepositoryIndex.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -66,12 +67,15 @@ class Registry:
         self._metrics = metrics
         self._on_change = on_change or (lambda name, ready: None)
         self._models: dict[str, _Model] = {}
+        self.starting = False  # while True, an unknown name may be one not loaded yet
         self._retiring: set[asyncio.Task[None]] = set()
 
     # -- requests ---------------------------------------------------------------------
 
     def get(self, name: str, version: str = "") -> ModelVersion:
         model = self._models.get(name)
+        if model is None and self.starting:
+            raise ModelNotReady("the server is starting; its models are not loaded yet")
         if model is None:
             raise ModelNotFound(f"unknown model {name!r}")
         if not model.versions:
@@ -193,7 +197,15 @@ class Registry:
             self._on_change(name, False)
 
     async def load_many(self, names: list[str]) -> None:
-        """Load each model; a failure is logged and recorded, the others still load."""
+        """Load each model; a failure is logged and recorded, the others still load.
+
+        All of them are known as LOADING from the start, so a request for one that is
+        not loaded yet is answered UNAVAILABLE (retry), not NOT_FOUND.
+        """
+        for name in names:
+            with contextlib.suppress(InvalidInput):
+                check_model_name(name)
+                self._models.setdefault(name, _Model(name)).loading = True
         for name in names:
             try:
                 await self.load(name)
