@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -207,3 +208,41 @@ def test_requests_during_startup_are_unavailable_not_unknown(tmp_path: Path) -> 
     registry.starting = False
     with pytest.raises(ModelNotFound):
         registry.get("tiny")
+
+
+def test_after_sigkill_a_restarted_server_is_ready_and_client_retries_succeed(
+    tmp_path: Path,
+) -> None:
+    import socket
+    import subprocess
+
+    from cnnserve.client import Client
+
+    write_tiny(tmp_path / "repo")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fixed = ("--grpc-port", str(port))
+    with server_process(tmp_path / "repo", tmp_path / "first.log", *fixed) as first:
+        client = Client(f"127.0.0.1:{port}", retries=10, backoff=0.2, timeout=60)
+        x = np.ones((1, 4), np.float32)
+        assert client.infer("tiny", {"x": x}).as_numpy("y").shape == (1, 3)
+        first.process.kill()
+        assert first.process.wait(10) == -signal.SIGKILL
+    second: list[subprocess.Popen[bytes]] = []
+    command = [sys.executable, "-m", "cnnserve", "serve", "--repository", str(tmp_path / "repo"),
+               "--host", "127.0.0.1", *fixed, "--metrics-port", "-1"]  # fmt: skip
+    restart = threading.Timer(0.5, lambda: second.append(subprocess.Popen(command)))
+    restart.start()
+    try:
+        # Issued while nothing listens: the client's retries on UNAVAILABLE carry it over.
+        y = client.infer("tiny", {"x": x}).as_numpy("y")
+        np.testing.assert_allclose(y, x @ TINY_WEIGHTS, rtol=1e-5, atol=1e-6)
+        assert client.is_ready()
+        assert client.is_ready("tiny")
+    finally:
+        client.close()
+        restart.join()
+        for process in second:
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(30) == 0
