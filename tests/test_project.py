@@ -67,7 +67,7 @@ def test_settings_come_from_flags_then_environment_then_defaults() -> None:
     ("env", "words"),
     [
         ({"CNNSERVE_GRPC_PORT": "eighty"}, "CNNSERVE_GRPC_PORT"),
-        ({"CNNSERVE_MODEL_CONTROL_MODE": "sometimes"}, "control mode"),
+        ({"CNNSERVE_MODEL_CONTROL_MODE": "sometimes"}, "--model-control-mode must be one of"),
         ({"CNNSERVE_TLS_CERT": "/c.pem"}, "--tls-key"),
         ({"CNNSERVE_TLS_CERT": "/c.pem", "CNNSERVE_TLS_KEY": "/k.pem"}, "no such file"),
         ({"CNNSERVE_REQUEST_LOG_RATE": "2"}, "between 0 and 1"),

@@ -144,3 +144,21 @@ def test_repository_control_needs_the_admin_token(repo: Path, tmp_path: Path) ->
             == "StatusCode.PERMISSION_DENIED"
         )
         client.unload_model("tiny", headers=admin)
+
+
+def test_metrics_can_use_the_grpc_certificate(repo: Path, tmp_path: Path) -> None:
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    ca = Authority(tmp_path / "ca")
+    server = ca.issue("server", server=True)
+    settings = {"tls_cert": server.cert, "tls_key": server.key, "metrics_tls": "true"}
+    with server_in_thread(repo, **settings) as srv:
+        url = f"https://localhost:{srv.server.metrics_port}/metrics"
+        context = ssl.create_default_context(cafile=str(ca.cert))
+        with urllib.request.urlopen(url, context=context, timeout=10) as response:
+            assert b"cnnserve_grpc_requests_total" in response.read()
+        plain = f"http://localhost:{srv.server.metrics_port}/metrics"
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(plain, timeout=10).close()

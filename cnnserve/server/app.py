@@ -138,18 +138,28 @@ class Server:
         self.registry.starting = True
         await server.start()
         self._grpc = server
-        if self.settings.metrics_port >= 0:
-            httpd, _ = start_http_server(
-                self.settings.metrics_port, self.settings.host, registry=self.metrics.registry
-            )
-            self._http = httpd
-            self.metrics_port = httpd.server_port
+        if s.metrics_port >= 0:
+            self._serve_metrics()
         await self._load_initial()
         self.registry.starting = False
         self.inference.started = True
         await self.health.set("", SERVING)
         if self.settings.model_control_mode == "poll":
             self._tasks.append(asyncio.create_task(self._poll_forever(), name="poll"))
+
+    def _serve_metrics(self) -> None:
+        """Prometheus text on its own port, over HTTPS with the gRPC certificate if asked."""
+        s = self.settings
+        tls = s.metrics_tls == "true" and s.tls_cert is not None
+        httpd, _ = start_http_server(
+            s.metrics_port,
+            s.host,
+            registry=self.metrics.registry,
+            certfile=str(s.tls_cert) if tls else None,
+            keyfile=str(s.tls_key) if tls else None,
+        )
+        self._http = httpd
+        self.metrics_port = httpd.server_port
 
     async def _load_initial(self) -> None:
         s = self.settings

@@ -69,6 +69,13 @@ class Settings:
     tls_client_ca: Path | None = field(
         default=None, metadata={"help": "CA for client certificates (enables mutual TLS)"}
     )
+    metrics_tls: str = field(
+        default="false",
+        metadata={
+            "help": "serve /metrics over HTTPS with the gRPC certificate: true | false",
+            "choices": ("true", "false"),
+        },
+    )
     auth_token_file: Path | None = field(
         default=None,
         metadata={"help": "file of bearer tokens callers must send, one per line"},
@@ -86,24 +93,30 @@ class Settings:
     )
 
     def validate(self) -> None:
-        if self.model_control_mode not in CONTROL_MODES:
-            raise ValueError(f"model control mode must be one of {', '.join(CONTROL_MODES)}")
-        if self.log_format not in LOG_FORMATS:
-            raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}")
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("--tls-cert and --tls-key go together")
-        if self.tls_client_ca is not None and self.tls_cert is None:
-            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
-        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "admin_token_file"):
-            path = getattr(self, name)
-            if path is not None and not path.is_file():
-                raise ValueError(f"--{name.replace('_', '-')} {path}: no such file")
+        """Raise ValueError naming the first setting that cannot work."""
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(
+                    f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}"
+                )
+        self._check_files()
         if not self.repository.is_dir():
             raise ValueError(f"model repository {self.repository} is not a folder")
         if not 0.0 <= self.request_log_rate <= 1.0:
             raise ValueError("--request-log-rate must be between 0 and 1")
         if self.max_queue_size < 1:
             raise ValueError("--max-queue-size must be at least 1")
+
+    def _check_files(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_cert is None and (self.tls_client_ca or self.metrics_tls == "true"):
+            raise ValueError("--tls-client-ca and --metrics-tls need --tls-cert and --tls-key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "admin_token_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"--{name.replace('_', '-')} {path}: no such file")
 
 
 def _env_name(name: str) -> str:
