@@ -246,3 +246,25 @@ def test_after_sigkill_a_restarted_server_is_ready_and_client_retries_succeed(
         for process in second:
             process.send_signal(signal.SIGTERM)
             assert process.wait(30) == 0
+
+
+def test_files_deleted_or_replaced_while_serving_lose_no_request(poll_repo: Path) -> None:
+    with server_in_thread(poll_repo, model_control_mode="poll", repository_poll_secs=0.1) as srv:
+        registry = srv.server.registry
+        model_file = poll_repo / "tiny" / "1" / "model.onnx"
+        with Load(srv.url) as load:
+            wait_for(lambda: load.outcomes["ok"] > 20)
+            before = registry.get("tiny")
+            replacement = model_file.with_suffix(".new")
+            shutil.copy(model_file, replacement)
+            replacement.replace(model_file)  # replaced in place: a new file, same content
+            wait_for(lambda: registry.get("tiny") is not before)
+            (poll_repo / "tiny" / "config.pbtxt").unlink()  # completed from the graph now
+            wait_for(lambda: registry.get("tiny").config.max_batch_size == 32)
+            serving = registry.get("tiny")
+            model_file.unlink()  # no version left on disk: the loaded one keeps serving
+            wait_for(lambda: "no version folder" in registry.index()[0].reason)
+            count = load.outcomes["ok"]
+            wait_for(lambda: load.outcomes["ok"] > count + 20)
+            assert registry.get("tiny") is serving
+    assert load.errors == []

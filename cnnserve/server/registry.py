@@ -140,6 +140,7 @@ class Registry:
             raise
         except ModelLoadError as exc:
             model.reason = str(exc)
+            model.fingerprint = ("error", str(exc))  # poll mode retries when this changes
             raise
         fresh: dict[int, ModelVersion] = {}
         failed: dict[int, str] = {}
@@ -229,7 +230,9 @@ class Registry:
     async def _changed(self, model: _Model) -> bool:
         try:
             source = await asyncio.to_thread(read_model, self.repository, model.name)
-        except (ModelLoadError, ModelNotFound):
+        except ModelLoadError as exc:
+            return model.fingerprint != ("error", str(exc))
+        except ModelNotFound:
             return True
         return source.fingerprint != model.fingerprint
 
@@ -255,7 +258,9 @@ class Registry:
                 entries.append(IndexEntry(name, "", UNAVAILABLE, "unloaded"))
                 continue
             for v in sorted(model.versions):
-                entries.append(IndexEntry(name, str(v), READY, ""))
+                # A ready version whose reload failed says why it is still the one serving.
+                why = f"still serving; the last load failed: {model.reason}" if model.reason else ""
+                entries.append(IndexEntry(name, str(v), READY, why))
             for v, why in sorted(model.failed.items()):
                 if v not in model.versions:
                     entries.append(IndexEntry(name, str(v), UNAVAILABLE, why))
