@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cnnserve.export.calibration import check_calibration_dir
 from cnnserve.export.errors import ExportError
 from cnnserve.preprocess import PreprocessParams
 
@@ -74,15 +75,43 @@ def spec(name: str) -> ModelSpec:
 
 
 WEIGHT_KEYWORDS = ("pretrained", "random", "auto")
+# For a variant: convert the fp32 model already in the repository.
+REPOSITORY = "repository"
 
 
-def check_options(weights: str, max_batch_size: int | None, epochs: int | None) -> None:
+def check_options(
+    weights: str, max_batch_size: int | None, epochs: int | None, variant: str | None = None
+) -> None:
     """Option checks that need neither torch nor the model."""
-    if weights not in WEIGHT_KEYWORDS and not Path(weights).expanduser().is_file():
-        raise ExportError(
-            f"--weights {weights}: not a checkpoint file, nor one of {', '.join(WEIGHT_KEYWORDS)}"
-        )
+    if weights == REPOSITORY:
+        if variant is None:
+            raise ExportError(f"--weights {REPOSITORY} needs --quantize int8 or --fp16")
+    elif weights not in WEIGHT_KEYWORDS and not Path(weights).expanduser().is_file():
+        keywords = ", ".join((*WEIGHT_KEYWORDS, REPOSITORY))
+        raise ExportError(f"--weights {weights}: not a checkpoint file, nor one of {keywords}")
     if max_batch_size is not None and max_batch_size < 1:
         raise ExportError(f"max batch size must be at least 1, not {max_batch_size}")
     if epochs is not None and epochs < 1:
         raise ExportError(f"epochs must be at least 1, not {epochs}")
+
+
+VARIANTS = ("int8", "fp16")
+
+
+def variant_name(name: str, variant: str | None) -> str:
+    """The repository name of a model's variant: `resnet18_int8`; the model's own for fp32."""
+    return f"{name}_{variant}" if variant else name
+
+
+def check_variant_options(
+    variant: str | None, calibration_dir: Path | None, calibration_size: int | None
+) -> None:
+    """`--quantize int8` / `--fp16` and the calibration options that go with int8."""
+    if variant is not None and variant not in VARIANTS:
+        raise ExportError(f"unknown variant {variant!r}; choose {' or '.join(VARIANTS)}")
+    if variant != "int8" and (calibration_dir is not None or calibration_size is not None):
+        raise ExportError("--calibration-dir and --calibration-size only apply to --quantize int8")
+    if calibration_size is not None and calibration_size < 1:
+        raise ExportError(f"calibration size must be at least 1, not {calibration_size}")
+    if calibration_dir is not None:
+        check_calibration_dir(calibration_dir)

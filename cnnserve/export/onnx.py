@@ -30,6 +30,8 @@ VERIFY_BATCHES = (1, 2, 7)
 # stays below 1e-6 of the scale; 1e-4 leaves room for other CPUs.
 RTOL = 1e-4
 ATOL = 1e-6
+# What onnxruntime raises for a model it cannot load (e.g. an opset newer than it knows).
+LOAD_ERRORS = (ort_errors.Fail, ort_errors.InvalidGraph, ort_errors.NotImplemented)
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ def verify(
     """
     try:
         runtime = session(path)
-    except (ort_errors.Fail, ort_errors.InvalidGraph, ort_errors.NotImplemented) as exc:
+    except LOAD_ERRORS as exc:
         # e.g. an opset newer than this onnxruntime knows
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ExportError(f"{name}: onnxruntime cannot load the exported model: {first}") from None

@@ -52,6 +52,16 @@ def versions(model_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+def latest_model(model_dir: Path, what: str) -> Path:
+    """The newest version folder with a model.onnx, for converting it; `what` names the option."""
+    found = [v for v in versions(model_dir) if (model_dir / str(v) / "model.onnx").is_file()]
+    if not found:
+        raise ExportError(
+            f"{what}: {model_dir} has no version with a model.onnx; export {model_dir.name} first"
+        )
+    return model_dir / str(found[-1])
+
+
 def resolve_version(model_dir: Path, version: int | None, force: bool) -> int:
     """The version to write: the next free one by default; an existing one only with force."""
     existing = versions(model_dir)
