@@ -24,7 +24,6 @@ from cnnserve.preprocess import PreprocessParams, preprocess
 from cnnserve.server.errors import CnnserveError, InvalidInput, NotAllowed, ServerDraining
 from cnnserve.server.metrics import Metrics
 from cnnserve.server.model import ModelVersion
-from cnnserve.server.observe import observe
 from cnnserve.server.registry import Registry
 from cnnserve.server.servicer import deadline_ns
 from cnnserve.server.status import rpc
@@ -123,16 +122,12 @@ class ClassifierServicer(classification_pb2_grpc.ImageClassifierServicer):
             raise InvalidInput("model_name is empty")
         if not request.images:
             raise InvalidInput("no images to classify")
-        with (
-            self.registry.lease(request.model_name, request.model_version) as model,
-            observe(
-                model.stats,
-                self.metrics,
-                (model.name, str(model.version)),
-                request_id=request.id,
-                log_rate=self.request_log_rate,
-            ) as seen,
-        ):
+        with self.registry.request(
+            request.model_name,
+            request.model_version,
+            request_id=request.id,
+            log_rate=self.request_log_rate,
+        ) as (model, seen):
             params, top_k = self._check(model, request.top_k)
             arrays = await asyncio.gather(
                 *(self._image(model, i, data, params) for i, data in enumerate(request.images))

@@ -25,6 +25,7 @@ from cnnserve.server.errors import (
 )
 from cnnserve.server.metrics import Metrics, VersionState
 from cnnserve.server.model import ModelVersion
+from cnnserve.server.observe import Observation, observe
 from cnnserve.server.repository import check_model_name, list_models, read_model
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,23 @@ class Registry:
             yield chosen
         finally:
             chosen.release()
+
+    @contextmanager
+    def request(
+        self, name: str, version: str, *, request_id: str, log_rate: float
+    ) -> Iterator[tuple[ModelVersion, Observation]]:
+        """A lease on the version plus the observation that records the request's outcome."""
+        with (
+            self.lease(name, version) as model,
+            observe(
+                model.stats,
+                self._metrics,
+                (model.name, str(model.version)),
+                request_id=request_id,
+                log_rate=log_rate,
+            ) as seen,
+        ):
+            yield model, seen
 
     def ready(self, name: str, version: str = "") -> bool:
         try:

@@ -25,7 +25,6 @@ from cnnserve.server.errors import (
     Unsupported,
 )
 from cnnserve.server.metrics import Metrics
-from cnnserve.server.observe import observe
 from cnnserve.server.registry import Registry
 from cnnserve.server.status import code_for, rpc
 from cnnserve.v1 import grpc_service_pb2_grpc
@@ -181,16 +180,12 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         """One inference, shared by ModelInfer and each message of ModelStreamInfer."""
         if not request.model_name:
             raise InvalidInput("model_name is empty")
-        with (
-            self.registry.lease(request.model_name, request.model_version) as model,
-            observe(
-                model.stats,
-                self.metrics,
-                (model.name, str(model.version)),
-                request_id=request.id,
-                log_rate=self.request_log_rate,
-            ) as seen,
-        ):
+        with self.registry.request(
+            request.model_name,
+            request.model_version,
+            request_id=request.id,
+            log_rate=self.request_log_rate,
+        ) as (model, seen):
             decoded = converters.decode_request(
                 request, model.inputs, model.outputs, model.config.max_batch_size
             )
