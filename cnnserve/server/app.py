@@ -67,7 +67,6 @@ class Server:
         self.metrics.watch(self.registry.states)
         self.inference = InferenceServicer(
             self.registry,
-            self.metrics,
             control_mode=settings.model_control_mode,
             request_log_rate=settings.request_log_rate,
         )

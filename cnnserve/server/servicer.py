@@ -24,7 +24,6 @@ from cnnserve.server.errors import (
     ServerDraining,
     Unsupported,
 )
-from cnnserve.server.metrics import Metrics
 from cnnserve.server.registry import Registry
 from cnnserve.server.status import code_for, rpc
 from cnnserve.v1 import grpc_service_pb2_grpc
@@ -51,13 +50,11 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(
         self,
         registry: Registry,
-        metrics: Metrics | None,
         *,
         control_mode: str,
         request_log_rate: float = 0.0,
     ) -> None:
         self.registry = registry
-        self.metrics = metrics
         self.control_mode = control_mode
         self.request_log_rate = request_log_rate
         self.draining = False
