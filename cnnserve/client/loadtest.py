@@ -1,0 +1,383 @@
+"""`cnnserve loadtest`: throughput, latency and where the time goes, level by level.
+
+    cnnserve loadtest --model resnet18 --concurrency 1,8,32 --plot out.png
+
+It speaks the Open Inference Protocol (`inference.GRPCInferenceService`), so
+it measures any server that does: cnnserve, Triton, MLServer. The input
+tensors' names, datatypes and shapes come from ModelMetadata; `--mode
+classify` sends generated JPEGs of the model's input size to cnnserve's
+ImageClassifier instead. At each level, windows of `--window-secs` repeat
+until the last three agree within `--stability-pct` (throughput and p50), or
+`--max-trials` windows have run; `--duration S` measures one window of S
+seconds instead. The figures, and the JSON and CSV fields, are described in
+`cnnserve.client.loadtest_report`; the load itself in
+`cnnserve.client.loadtest_engine`.
+
+The exit status is 0 when every request succeeded, 1 when some failed (the
+figures are still printed and written), 2 when nothing could be measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import io
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from PIL import Image
+
+from cnnserve import __version__
+from cnnserve.client import protocol
+from cnnserve.client.cli_common import add_connection_arguments, fail
+from cnnserve.client.connection import Connection, connect
+from cnnserve.client.loadtest_engine import (
+    CLASSIFY_METHOD,
+    INFER_METHOD,
+    ChannelFactory,
+    Level,
+    Policy,
+    Progress,
+    StatsReader,
+    Workload,
+    run_levels,
+)
+from cnnserve.client.loadtest_report import (
+    LevelResult,
+    StatsSnapshot,
+    plot,
+    table,
+    write_csv,
+    write_json,
+)
+from cnnserve.client.protocol import _WIRE as WIRE_DTYPES
+from cnnserve.v1 import classification_pb2, grpc_service_pb2_grpc
+from cnnserve.v1 import inference_pb2 as pb
+
+
+class SetupError(Exception):
+    """The target cannot be measured: unreachable, unknown model, unusable metadata."""
+
+
+@dataclass
+class Target:
+    """A model on a server, ready to be loaded: what to send, and how to read its statistics."""
+
+    workload: Workload
+    make_channel: ChannelFactory
+    stats: StatsReader | None
+    header: dict[str, Any]
+
+
+# -- building the request ------------------------------------------------------------
+
+
+def _shape(name: str, dims: Sequence[int], batch: int) -> list[int]:
+    shape = list(dims)
+    if shape and shape[0] == -1:
+        shape[0] = batch
+    elif batch != 1:
+        raise SetupError(f"input {name!r} {shape} has no batch dimension; use --batch-size 1")
+    if any(d < 0 for d in shape):
+        raise SetupError(f"input {name!r} has variable dimensions {shape} besides the batch")
+    return shape
+
+
+def infer_workload(metadata: Any, model: str, version: str, batch: int) -> Workload:
+    """One ModelInferRequest of seeded random data, shaped as ModelMetadata says."""
+    rng = np.random.default_rng(0)
+    arrays: dict[str, np.ndarray] = {}
+    for tensor in metadata.inputs:
+        shape = _shape(tensor.name, tensor.shape, batch)
+        if tensor.datatype == "BYTES":
+            arrays[tensor.name] = np.full(shape, b"loadtest", dtype=np.object_)
+        elif tensor.datatype in WIRE_DTYPES:
+            arrays[tensor.name] = (rng.random(shape) * 8).astype(WIRE_DTYPES[tensor.datatype])
+        else:
+            raise SetupError(f"input {tensor.name!r}: unknown datatype {tensor.datatype!r}")
+    if not arrays:
+        raise SetupError(f"ModelMetadata of {model!r} lists no inputs")
+    request = protocol.infer_request(model, arrays, version=version)
+    return Workload(INFER_METHOD, request.SerializeToString(), batch)
+
+
+def sample_jpeg(height: int, width: int, channels: int) -> bytes:
+    """A photo-like JPEG: smooth gradients with a little noise (pure noise compresses badly)."""
+    y, x = np.mgrid[0:height, 0:width]
+    noise = np.random.default_rng(0).normal(0, 12, (height, width, 3))
+    planes = np.stack([x * 255 / width, y * 255 / height, (x + y) * 128 / (height + width)], -1)
+    pixels = np.clip(planes + noise, 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels, "RGB").convert("L" if channels == 1 else "RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def classify_workload(metadata: Any, model: str, version: str, batch: int) -> Workload:
+    """One ClassifyRequest of `batch` JPEGs of the model's input size (NCHW or NHWC)."""
+    if len(metadata.inputs) != 1 or len(metadata.inputs[0].shape) != 4:
+        raise SetupError(f"{model!r} is not an image model: classify needs one [N, C, H, W] input")
+    _, a, b, c = _shape(metadata.inputs[0].name, metadata.inputs[0].shape, 1)
+    channels, height, width = (a, b, c) if a in (1, 3) else (c, a, b)
+    image = sample_jpeg(height, width, channels)
+    request = classification_pb2.ClassifyRequest(
+        model_name=model, model_version=version, images=[image] * batch, top_k=1
+    )
+    return Workload(CLASSIFY_METHOD, request.SerializeToString(), batch)
+
+
+# -- the target ------------------------------------------------------------------------
+
+
+def channel_factory(connection: Connection) -> ChannelFactory:
+    """Channels with their own TCP connection each (a local subchannel pool)."""
+    options = [*connection.options, ("grpc.use_local_subchannel_pool", 1)]
+
+    def make(index: int) -> grpc.aio.Channel:
+        if connection.credentials is None:
+            return grpc.aio.insecure_channel(connection.url, options=options)
+        return grpc.aio.secure_channel(connection.url, connection.credentials, options=options)
+
+    return make
+
+
+def stats_reader(stub: Any, metadata: Any, model: str, version: str) -> StatsReader:
+    """ModelStatistics snapshots; None from the first failure on (e.g. UNIMPLEMENTED)."""
+    working = True
+
+    async def read() -> StatsSnapshot | None:
+        nonlocal working
+        if not working:
+            return None
+        request = pb.ModelStatisticsRequest(name=model, version=version)
+        try:
+            response = await stub.ModelStatistics(request, timeout=10, metadata=metadata)
+        except grpc.aio.AioRpcError:
+            working = False
+            return None
+        return StatsSnapshot.from_response(response, model, version)
+
+    return read
+
+
+async def prepare(
+    connection: Connection, model: str, version: str, mode: str, batch: int, control: Any
+) -> Target:
+    """Read the model's metadata on `control` (an aio channel) and build the workload."""
+    stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(control)
+    meta = connection.metadata or None
+    try:
+        metadata = await stub.ModelMetadata(
+            pb.ModelMetadataRequest(name=model, version=version),
+            timeout=connection.timeout,
+            metadata=meta,
+        )
+    except grpc.aio.AioRpcError as exc:
+        raise SetupError(
+            f"ModelMetadata of {model!r}: {exc.code().name}: {exc.details()}"
+        ) from None
+    try:
+        server = await stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=10, metadata=meta)
+        server_name = f"{server.name} {server.version}".strip()
+    except grpc.aio.AioRpcError:
+        server_name = "unknown"
+    build = classify_workload if mode == "classify" else infer_workload
+    workload = build(metadata, model, version, batch)
+    stats: StatsReader | None = stats_reader(stub, meta, model, version)
+    if stats is not None and await stats() is None:
+        stats = None  # the server does not implement ModelStatistics
+    header = {
+        "tool": "cnnserve loadtest",
+        "cnnserve_version": __version__,
+        "url": connection.url,
+        "server": server_name,
+        "model": model,
+        "model_versions": list(metadata.versions),
+        "mode": mode,
+        "batch_size": batch,
+        "request_bytes": len(workload.request),
+        "inputs": [
+            {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+            for t in metadata.inputs
+        ],
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    return Target(workload, channel_factory(connection), stats, header)
+
+
+async def loadtest(
+    connection: Connection,
+    args: argparse.Namespace,
+    levels: Sequence[Level],
+    policy: Policy,
+    progress: Progress | None,
+) -> tuple[dict[str, Any], list[LevelResult]]:
+    control = channel_factory(connection)(-1)
+    try:
+        target = await prepare(
+            connection, args.model, args.model_version, args.mode, args.batch_size, control
+        )
+        results = await run_levels(
+            target.make_channel,
+            target.workload,
+            levels,
+            policy,
+            metadata=connection.metadata,
+            timeout=connection.timeout,
+            workers_per_channel=args.workers_per_channel,
+            stats=target.stats,
+            progress=progress,
+        )
+    finally:
+        await control.close()
+    return target.header | {"policy": asdict(policy)}, results
+
+
+# -- the command ---------------------------------------------------------------------------
+
+
+def _numbers(kind: type[int] | type[float]) -> Callable[[str], list[Any]]:
+    def parse(text: str) -> list[Any]:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+        if not values or any(v <= 0 for v in values):
+            raise argparse.ArgumentTypeError("give positive numbers, comma-separated")
+        return values
+
+    return parse
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="the model to load")
+    parser.add_argument("--model-version", default="", metavar="V", help="default: the server's")
+    load = parser.add_argument_group("load (closed loop by default: 1,4,16,64 in flight)")
+    levels = load.add_mutually_exclusive_group()
+    levels.add_argument(
+        "--concurrency",
+        type=_numbers(int),
+        metavar="N,N,...",
+        help="requests in flight, one level each",
+    )
+    levels.add_argument(
+        "--request-rate",
+        type=_numbers(float),
+        metavar="R,R,...",
+        help="open loop instead: requests per second, one level each",
+    )
+    load.add_argument("--poisson", action="store_true", help="Poisson arrivals at each rate")
+    load.add_argument("--batch-size", type=int, default=1, metavar="B", help="images per request")
+    load.add_argument(
+        "--mode",
+        choices=("infer", "classify"),
+        default="infer",
+        help="ModelInfer with tensors, or Classify with JPEGs (default infer)",
+    )
+    load.add_argument(
+        "--workers-per-channel",
+        type=int,
+        default=16,
+        metavar="N",
+        help="workers sharing one connection (default 16)",
+    )
+    windows = parser.add_argument_group("measurement windows")
+    windows.add_argument(
+        "--duration",
+        type=float,
+        metavar="S",
+        help="one window of S seconds per level, no stability check",
+    )
+    windows.add_argument("--window-secs", type=float, default=2.0, metavar="S", help="default 2")
+    windows.add_argument(
+        "--stability-pct",
+        type=float,
+        default=10.0,
+        metavar="P",
+        help="the last 3 windows agree within P%% (default 10)",
+    )
+    windows.add_argument(
+        "--max-trials",
+        type=int,
+        default=10,
+        metavar="K",
+        help="windows per level at most (default 10, at least 3)",
+    )
+    windows.add_argument(
+        "--warmup-secs",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="unmeasured, before each level (default 1)",
+    )
+    output = parser.add_argument_group("output (the table always prints)")
+    output.add_argument("--csv", type=Path, metavar="FILE", help="one row per level")
+    output.add_argument("--json", type=Path, metavar="FILE", help="settings and every figure")
+    output.add_argument("--plot", type=Path, metavar="FILE.png", help="latency against throughput")
+    add_connection_arguments(parser)
+
+
+def _connection(args: argparse.Namespace) -> Connection:
+    token = args.token_file.read_text().strip() if args.token_file else None
+    return connect(
+        args.url,
+        tls=args.tls,
+        root_certificates=args.ca,
+        certificate_chain=args.cert,
+        private_key=args.key,
+        token=token,
+        timeout=args.timeout,
+        retries=0,
+        backoff=0.1,
+        max_message_bytes=256 * 1024 * 1024,
+        keepalive=None,
+    )
+
+
+def _progress() -> Progress | None:
+    if not sys.stderr.isatty():
+        return None
+
+    def show(line: str) -> None:
+        print(f"\r\033[K{line}", end="", file=sys.stderr, flush=True)
+
+    return show
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1 or args.window_secs <= 0 or args.max_trials < 1:
+        return fail("loadtest", "--batch-size, --window-secs and --max-trials must be positive")
+    if args.poisson and not args.request_rate:
+        return fail("loadtest", "--poisson needs --request-rate")
+    if args.request_rate:
+        levels = [Level(rate=r, poisson=args.poisson) for r in args.request_rate]
+    else:
+        levels = [Level(concurrency=c) for c in args.concurrency or (1, 4, 16, 64)]
+    policy = Policy(
+        args.window_secs, args.stability_pct, args.max_trials, args.warmup_secs, args.duration
+    )
+    progress = _progress()
+    try:
+        connection = _connection(args)
+        header, results = asyncio.run(loadtest(connection, args, levels, policy, progress))
+    except (SetupError, ValueError, OSError) as exc:
+        fail("loadtest", str(exc))
+        return 2
+    finally:
+        if progress is not None:
+            progress("")
+    print(
+        f"{header['model']} on {header['server']} at {header['url']}: {header['mode']}, batch "
+        f"{header['batch_size']}, {header['request_bytes']:,}-byte requests"
+    )
+    print(table(results))
+    if args.csv:
+        write_csv(args.csv, results)
+    if args.json:
+        write_json(args.json, header, results)
+    if args.plot:
+        plot(args.plot, f"{header['model']} ({header['mode']}, batch {args.batch_size})", results)
+    return 1 if any(r.error_count for r in results) else 0

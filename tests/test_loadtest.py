@@ -1,0 +1,218 @@
+"""`cnnserve loadtest` against a real server: the table, JSON, CSV, error codes and the split.
+
+Windows are a fraction of a second here; the figures are checked for shape
+and sense, never for speed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cnnserve.cli import main
+from cnnserve.client.loadtest_report import CSV_FIELDS
+from tests.servers import Running, server_in_thread
+from tests.tiny import write_tiny, write_tiny_image
+
+SHORT = ["--duration", "0.4", "--warmup-secs", "0.2"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    repository = tmp_path_factory.mktemp("loadtest_repository")
+    write_tiny(repository)  # x [N, 4] -> y [N, 3], max_batch_size 8, 2 ms queue delay
+    write_tiny_image(repository)  # [N, 1, 8, 8] grayscale, with preprocessing for Classify
+    with server_in_thread(repository) as running:
+        yield running
+
+
+def loadtest(server: Running, *args: str) -> int:
+    return main(["loadtest", "--url", server.url, *args])
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    document: dict[str, Any] = json.loads(path.read_text())
+    return document
+
+
+def test_levels_print_a_table_and_write_json_and_csv(
+    server: Running, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_json, out_csv = tmp_path / "out.json", tmp_path / "out.csv"
+    code = loadtest(
+        server,
+        "--model",
+        "tiny",
+        "--concurrency",
+        "1,4",
+        *SHORT,
+        "--json",
+        str(out_json),
+        "--csv",
+        str(out_csv),
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "tiny on cnnserve" in printed
+    for column in ("Concurrency", "Infer/s", "Req/s", "p50 ms", "p99 ms", "Queue us", "Errors"):
+        assert column in printed
+    document = read_json(out_json)
+    assert document["model"] == "tiny"
+    assert document["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
+    levels = document["levels"]
+    assert [level["concurrency"] for level in levels] == [1, 4]
+    for level in levels:
+        assert level["requests"] > 0
+        assert level["inferences_per_s"] == level["requests_per_s"] > 0
+        latency = level["latency_ms"]
+        assert 0 < latency["p50"] <= latency["p90"] <= latency["p95"] <= latency["p99"]
+        assert level["errors"] == {}
+        assert level["error_count"] == 0
+        assert level["client"]["cpu_us_per_request"] > 0
+    with out_csv.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == CSV_FIELDS
+    assert [row["concurrency"] for row in rows] == ["1", "4"]
+    assert float(rows[1]["inferences_per_s"]) == levels[1]["inferences_per_s"]
+
+
+def test_server_side_split_comes_from_model_statistics(server: Running, tmp_path: Path) -> None:
+    out = tmp_path / "out.json"
+    code = loadtest(
+        server,
+        "--model",
+        "tiny",
+        "--concurrency",
+        "4",
+        "--batch-size",
+        "2",
+        *SHORT,
+        "--json",
+        str(out),
+    )
+    assert code == 0
+    [level] = read_json(out)["levels"]
+    split = level["server_us"]
+    assert split["requests"] > 0
+    assert split["queue"] > 0  # the tiny model's config waits up to 2 ms for a batch
+    assert split["compute_infer"] > 0
+    assert split["request"] >= split["queue"] + split["compute_infer"]
+    assert split["batch"] >= 2  # each request carries two rows
+    assert level["inferences"] == 2 * level["requests"]
+
+
+def test_failed_requests_are_counted_by_status_code(
+    server: Running, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out.json"
+    # The tiny model takes at most 8 rows per request.
+    code = loadtest(
+        server,
+        "--model",
+        "tiny",
+        "--concurrency",
+        "2",
+        "--batch-size",
+        "16",
+        *SHORT,
+        "--json",
+        str(out),
+    )
+    assert code == 1
+    [level] = read_json(out)["levels"]
+    assert level["requests"] == 0
+    assert level["errors"]["INVALID_ARGUMENT"] == level["error_count"] > 0
+    assert level["latency_ms"]["p50"] is None
+    assert f"INVALID_ARGUMENT={level['error_count']}" in capsys.readouterr().out
+
+
+def test_windows_repeat_until_three_agree_or_trials_run_out(
+    server: Running, tmp_path: Path
+) -> None:
+    windows = ["--window-secs", "0.25", "--warmup-secs", "0.1", "--max-trials", "4"]
+    loose, strict = tmp_path / "loose.json", tmp_path / "strict.json"
+    common = ["--model", "tiny", "--concurrency", "2", *windows]
+    assert loadtest(server, *common, "--stability-pct", "1000", "--json", str(loose)) == 0
+    assert loadtest(server, *common, "--stability-pct", "0", "--json", str(strict)) == 0
+    [agreed] = read_json(loose)["levels"]
+    assert (agreed["windows"], agreed["stable"]) == (3, True)
+    [never] = read_json(strict)["levels"]  # no two windows count exactly alike
+    assert never["stable"] is False
+    assert never["windows"] == 3  # the last three of the four windows run
+
+
+def test_request_rate_sends_on_schedule(server: Running, tmp_path: Path) -> None:
+    out = tmp_path / "out.json"
+    code = loadtest(
+        server,
+        "--model",
+        "tiny",
+        "--request-rate",
+        "200",
+        "--poisson",
+        "--duration",
+        "1",
+        "--warmup-secs",
+        "0.2",
+        "--json",
+        str(out),
+    )
+    assert code == 0
+    [level] = read_json(out)["levels"]
+    assert level["concurrency"] is None
+    assert (level["request_rate"], level["poisson"]) == (200, True)
+    assert 100 <= level["requests_per_s"] <= 300
+
+
+def test_classify_mode_sends_generated_images(
+    server: Running, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, plot = tmp_path / "out.json", tmp_path / "plot.png"
+    code = loadtest(
+        server,
+        "--model",
+        "pixels",
+        "--mode",
+        "classify",
+        "--concurrency",
+        "2",
+        "--batch-size",
+        "3",
+        *SHORT,
+        "--json",
+        str(out),
+        "--plot",
+        str(plot),
+    )
+    assert code == 0
+    document = read_json(out)
+    assert document["mode"] == "classify"
+    [level] = document["levels"]
+    assert level["requests"] > 0
+    assert level["inferences"] == 3 * level["requests"]
+    assert level["server_us"]["compute_infer"] > 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "pixels on cnnserve" in capsys.readouterr().out
+
+
+def test_unknown_model_fails_with_one_line(
+    server: Running, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert loadtest(server, "--model", "nope", *SHORT) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("cnnserve loadtest: error:")
+    assert "NOT_FOUND" in error
+
+
+def test_bench_checks_targets_without_figures() -> None:
+    """A smoke test of `make bench`'s report: with nothing measured, nothing is claimed."""
+    from bench.report import targets
+
+    found = targets({})
+    assert len(found) == 8
+    assert all(t["met"] is None for t in found)
