@@ -5,8 +5,10 @@ onnxruntime-gpu) are installed from PyPI into `.bench/mlserver-venv` once;
 a failed install is recorded, and the bench goes on without this peer.
 
 Its settings mirror cnnserve's config for each model: adaptive batching up to
-the same max_batch_size with max_batch_time equal to max_queue_delay, the
-same onnxruntime thread settings (see `mlserver_runtime`). Everything else
+the same max_batch_size, with max_batch_time equal to max_queue_delay but at
+least 0.5 ms (MLServer turns adaptive batching off at 0, while cnnserve's
+batcher still joins the requests that queue while a batch runs), the same
+onnxruntime thread settings (see `mlserver_runtime`). Everything else
 is MLServer's default (one parallel inference worker process), except
 `debug: false`, as in production.
 """
@@ -70,6 +72,9 @@ def _tensor(entry: Any, batched: bool) -> dict[str, Any]:
     return {"name": entry.name, "datatype": _TYPES[entry.data_type], "shape": shape}
 
 
+MIN_BATCH_TIME = 0.0005  # seconds; see the module docstring
+
+
 def model_settings(name: str, model_dir: Path) -> dict[str, Any]:
     """MLServer's model-settings.json for one model of a cnnserve repository."""
     config = read_config(model_dir)
@@ -80,7 +85,9 @@ def model_settings(name: str, model_dir: Path) -> dict[str, Any]:
         "name": name,
         "implementation": f"{RUNTIME_MODULE}.OnnxRuntime",
         "max_batch_size": config.max_batch_size,
-        "max_batch_time": config.dynamic_batching.max_queue_delay_microseconds / 1e6,
+        "max_batch_time": max(
+            MIN_BATCH_TIME, config.dynamic_batching.max_queue_delay_microseconds / 1e6
+        ),
         "inputs": [_tensor(i, batched) for i in config.input],
         "outputs": [_tensor(o, batched) for o in config.output],
         "parameters": {
