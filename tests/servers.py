@@ -93,7 +93,7 @@ def server_process(repository: Path, log_path: Path, *args: str) -> Iterator[Chi
             cmd, stdout=log_file, stderr=subprocess.STDOUT, text=True, env=env
         )
     try:
-        port = _wait_for_port(process, log_path)
+        port = wait_for_port(process, log_path)
         yield Child(process, port, log_path)
     finally:
         if process.poll() is None:
@@ -101,7 +101,8 @@ def server_process(repository: Path, log_path: Path, *args: str) -> Iterator[Chi
             process.wait(10)
 
 
-def _wait_for_port(process: subprocess.Popen[str], log_path: Path, timeout: float = 120) -> int:
+def wait_for_port(process: subprocess.Popen[Any], log_path: Path, timeout: float = 120) -> int:
+    """The gRPC port a `cnnserve serve` child logs once its models are loaded and warm."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         match = re.search(r"listening: gRPC [\d.]+:(\d+)", log_path.read_text())

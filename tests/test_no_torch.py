@@ -11,13 +11,10 @@ it would in the image.
 from __future__ import annotations
 
 import importlib.metadata as md
-import importlib.util
 import os
-import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +22,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("cnnserve.server.app") is None,
-    reason="cnnserve.server.app is not written yet",
-)
+from tests.servers import wait_for_port
+
 ROOT = Path(__file__).resolve().parent.parent
 EXCLUDED = {"torch", "torchvision", "onnx", "onnxscript", "scikit-learn"}
 
@@ -115,7 +110,7 @@ def test_server_serves_without_torch(python_without_torch: Path, tmp_path: Path)
             cwd=tmp_path,
         )
     try:
-        port = _wait_for_port(process, log_path)
+        port = wait_for_port(process, log_path)
         client = tc.InferenceServerClient(f"127.0.0.1:{port}")
         assert client.is_model_ready("tiny")
         x = np.ones((2, 4), dtype=np.float32)
@@ -130,16 +125,3 @@ def test_server_serves_without_torch(python_without_torch: Path, tmp_path: Path)
         if process.poll() is None:
             process.kill()
             process.wait(10)
-
-
-def _wait_for_port(process: subprocess.Popen[bytes], log_path: Path) -> int:
-    """The server logs its bound gRPC port once its models are loaded and warm."""
-    end = time.monotonic() + 120
-    while time.monotonic() < end:
-        match = re.search(r"listening: gRPC [\d.]+:(\d+)", log_path.read_text())
-        if match:
-            return int(match.group(1))
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()}")
-        time.sleep(0.1)
-    raise TimeoutError(f"server did not start:\n{log_path.read_text()}")
