@@ -72,11 +72,20 @@ def test_model_metadata_has_batch_axis(client: tc.InferenceServerClient) -> None
     assert meta["outputs"] == [{"name": "y", "datatype": "FP32", "shape": ["-1", "3"]}]
 
 
-def test_model_config_shows_batching_and_provider(client: tc.InferenceServerClient) -> None:
+def test_model_config_shows_batching_and_provider(
+    client: tc.InferenceServerClient, server: Running
+) -> None:
+    import onnxruntime as ort
+
     config = client.get_model_config("tiny", as_json=True)["config"]
     assert config["max_batch_size"] == 8
     assert config["dynamic_batching"]["max_queue_delay_microseconds"] == "2000"
-    assert config["parameters"]["execution_provider"]["string_value"] == "CPUExecutionProvider"
+    provider = config["parameters"]["execution_provider"]["string_value"]
+    # The provider the session really uses: CUDA only where it works, else the CPU fallback.
+    assert provider == server.server.registry.get("tiny").runners[0].provider
+    assert provider in ort.get_available_providers()
+    if not Path("/dev/nvidiactl").exists():
+        assert provider == "CPUExecutionProvider"
 
 
 def test_config_is_completed_from_the_graph(client: tc.InferenceServerClient) -> None:
