@@ -45,7 +45,7 @@ test: lint
 proto: $(STAMP)
 	$(PY) proto/generate.py
 
-bench: $(MODELS_STAMP)
+bench: $(STAMP)
 	$(PY) -m bench
 
 clean:

@@ -197,7 +197,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results.json")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="measure nothing: write the report again from the JSON file",
+    )
     args = parser.parse_args(argv)
+    if args.report_only:
+        results = json.loads(args.json.read_text())
+        results["targets"] = report.targets(results["models"])
+        args.output.write_text(report.markdown(results))
+        return 0
     run = Run(Plan().quick() if args.quick else Plan(), MODELS, args.quiet_budget)
     repo = BENCH / "repository"
     exported = export_missing(repo, MODELS, BENCH / "logs" / "export.log")

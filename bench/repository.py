@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from google.protobuf import text_format
 
+import cnnserve.export
 from bench.raw import read_config
 from cnnserve.v1 import model_config_pb2 as mc
 
@@ -46,14 +48,33 @@ def _export(args: Sequence[str], log: Path, timeout: float) -> str | None:
     return None
 
 
+def _export_fingerprint() -> str:
+    """A digest of the export code: its defaults (batching, preprocessing) land in configs."""
+    package = Path(cnnserve.export.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted([*package.glob("*.py"), package.parent / "preprocess.py"]):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def export_missing(repository: Path, models: Sequence[str], log: Path) -> list[str]:
-    """Export with random weights whichever models are missing; returns those exported."""
+    """Export with random weights whichever models are missing; returns those exported.
+
+    When the export code changed since the repository was written, everything
+    in it is exported again (int8 variants included, by `find_int8`), so that
+    the configs carry today's defaults, as `make models` does.
+    """
+    stamp = repository / ".exported"
+    fingerprint = _export_fingerprint()
+    if stamp.exists() and stamp.read_text() != fingerprint:
+        shutil.rmtree(repository)
     missing = [m for m in models if not present(repository, m)]
     if missing:
         common = ["--weights", "random", "--repository", str(repository), "--version", "1"]
         error = _export([*missing, *common, "--force"], log, timeout=900)
         if error is not None:
             raise RuntimeError(f"cannot export {missing}: {error}")
+    stamp.write_text(fingerprint)
     return missing
 
 
