@@ -12,9 +12,13 @@ import numpy as np
 import pytest
 
 from cnnserve.server.batcher import Batcher, BatchingOptions
-from cnnserve.server.errors import DeadlineExceeded, ModelNotReady, QueueFull
+from cnnserve.server.errors import DeadlineExceeded, ModelLoadError, ModelNotReady, QueueFull
+from cnnserve.server.model import ModelVersion
+from cnnserve.server.repository import read_model
 from cnnserve.server.runner import Runner, RunnerOptions, Timings
-from tests.tiny import TINY_WEIGHTS, write_slow, write_tiny
+from tests.tiny import TINY_CONFIG, TINY_WEIGHTS, write_slow, write_tiny
+
+PARAM = 'parameters {{ key: "{}" value {{ string_value: "{}" }} }}\n'
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +87,59 @@ def test_preferred_batch_size_dispatches_without_waiting(runner: Runner) -> None
     asyncio.run(run_all(Batcher([runner], ["y"], opts, seen), [rows(1), rows(1)]))
     assert time.monotonic() - started < 5
     assert seen.batches == [2]
+
+
+def test_a_lone_request_does_not_wait_for_the_queue_delay(runner: Runner) -> None:
+    """max_queue_delay is a bound: with nothing else arriving the batch goes at once."""
+    seen = Recorder()
+    opts = BatchingOptions(max_batch_size=8, max_queue_delay_ns=10_000_000_000)
+
+    async def one_at_a_time() -> float:
+        batcher = Batcher([runner], ["y"], opts, seen)
+        batcher.start()
+        started = time.monotonic()
+        for i in range(20):
+            await batcher.submit(rows(1, start=i), 1)
+        elapsed = time.monotonic() - started
+        await batcher.close()
+        return elapsed
+
+    assert asyncio.run(one_at_a_time()) < 5  # 20 x 10 s if each waited for the delay
+    assert seen.batches == [1] * 20
+
+
+@pytest.mark.parametrize("delay_ns", [0, 2_000_000])
+def test_a_steady_stream_is_batched_within_the_queue_delay(runner: Runner, delay_ns: int) -> None:
+    """Requests arriving every few event-loop turns: with a delay allowed, the adaptive
+    window grows and joins them; with none, each runs alone (an inline runner never
+    keeps a request waiting behind another)."""
+    seen = Recorder()
+    opts = BatchingOptions(max_batch_size=64, max_queue_delay_ns=delay_ns)
+
+    async def stream() -> list[np.ndarray]:
+        batcher = Batcher([runner], ["y"], opts, seen)
+        batcher.start()
+        tasks = []
+        for i in range(400):
+            tasks.append(asyncio.create_task(batcher.submit(rows(1, start=i), 1)))
+            for _ in range(3):
+                await asyncio.sleep(0)
+        results = await asyncio.gather(*tasks)
+        await batcher.close()
+        return [r.outputs[0] for r in results]
+
+    runner.inline = True
+    try:
+        outputs = asyncio.run(stream())
+    finally:
+        runner.inline = False
+    for i, out in enumerate(outputs):
+        np.testing.assert_allclose(out, rows(1, start=i)["x"] @ TINY_WEIGHTS, rtol=1e-5, atol=1e-4)
+    assert sum(seen.batches) == 400
+    if delay_ns:
+        assert len(seen.batches) < 400 / 3, seen.batches
+    else:
+        assert seen.batches == [1] * 400
 
 
 def test_without_dynamic_batching_each_request_runs_alone(runner: Runner) -> None:
@@ -172,3 +229,33 @@ def test_runner_options_split_cores_between_instances(tmp_path: Path) -> None:
         {"intra_op_threads": "3"}, device="cpu", gpu_id=0, instances=1
     )
     assert single.intra_op_threads == 3
+
+
+def test_batches_of_microseconds_run_inline_unless_configured_otherwise(tmp_path: Path) -> None:
+    write_tiny(tmp_path, "tiny")
+    write_slow(tmp_path, "slow", "max_batch_size: 8\ndynamic_batching { }\n")
+    write_tiny(tmp_path, "threaded", config=TINY_CONFIG + PARAM.format("inline_compute", "false"))
+    write_tiny(tmp_path, "forced", config=TINY_CONFIG + PARAM.format("inline_compute", "true"))
+    write_tiny(tmp_path, "wrong", config=TINY_CONFIG + PARAM.format("inline_compute", "maybe"))
+
+    def load(name: str) -> ModelVersion:
+        return ModelVersion(read_model(tmp_path, name), 1, default_queue=8)
+
+    inline = {name: load(name) for name in ("tiny", "slow", "threaded", "forced")}
+    assert {name: v.inline for name, v in inline.items()} == {
+        "tiny": True, "slow": False, "threaded": False, "forced": True,
+    }  # fmt: skip
+    with pytest.raises(ModelLoadError, match="inline_compute must be"):
+        load("wrong")
+
+    async def serve_one(version: ModelVersion) -> np.ndarray:
+        version.start(None)
+        result = await version.infer(rows(2), 2, None)
+        await version.close()
+        return result.outputs[0]
+
+    for name in ("tiny", "threaded"):
+        out = asyncio.run(serve_one(inline[name]))
+        np.testing.assert_allclose(out, rows(2)["x"] @ TINY_WEIGHTS, rtol=1e-5, atol=1e-4)
+    for name in ("slow", "forced"):
+        inline[name]._close_runners()

@@ -43,7 +43,7 @@ from cnnserve.preprocess import preprocess
 from cnnserve.v1 import model_config_pb2 as mc
 from tests.certs import Authority
 from tests.servers import Running, server_in_thread
-from tests.tiny import TINY_CONFIG, TINY_WEIGHTS, write_echo_bytes, write_tiny
+from tests.tiny import TINY_CONFIG, TINY_WEIGHTS, write_echo_bytes, write_slow, write_tiny
 
 MAX_IMAGE_BYTES = 1_000_000
 Digits = tuple[list[Path], np.ndarray]
@@ -64,6 +64,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory, lenet5_repository: Path
     config_path.write_text(text_format.MessageToString(config))
     write_tiny(repo, config=TINY_CONFIG + "instance_group { kind: KIND_CPU }\n")
     write_echo_bytes(repo)
+    write_slow(repo, "slow", "", layers=192)  # ~10 ms a row: a deadline it cannot meet
     (repo / "broken" / "1").mkdir(parents=True)
     (repo / "broken" / "1" / "model.onnx").write_bytes(b"not an onnx file")
     return repo
@@ -168,7 +169,8 @@ def test_async_client_mirrors_the_blocking_one(server: Running, digits: Digits) 
         async with AsyncClient(server.url, timeout=60) as client:
             assert await client.is_ready()
             assert await client.is_ready("lenet5")
-            assert {m.name for m in await client.models()} == {"broken", "echo", "lenet5", "tiny"}
+            names = {m.name for m in await client.models()}
+            assert names == {"broken", "echo", "lenet5", "slow", "tiny"}
             results = await client.classify("lenet5", paths[:4])
             assert [int(r.top.label) for r in results] == labels[:4].tolist()
             x = np.ones((1, 4), np.float32)
@@ -371,7 +373,7 @@ def test_cli_models_lists_versions_states_and_providers(server: Running) -> None
     assert re.search(r"^lenet5\s+1\s+READY\s+\w+ExecutionProvider$", done.stdout, re.M)
     assert re.search(r"^broken\s+1\s+UNAVAILABLE\s+-\s+\S+", done.stdout, re.M)
     listed = json.loads(cli("models", "--url", server.url, "--json").stdout)
-    assert {m["name"] for m in listed} == {"broken", "echo", "lenet5", "tiny"}
+    assert {m["name"] for m in listed} == {"broken", "echo", "lenet5", "slow", "tiny"}
 
 
 def free_port() -> int:
@@ -415,7 +417,7 @@ def test_only_unavailable_is_retried_and_never_past_the_deadline(client: Client)
         with pytest.raises(NotFound, match="no ready version 9"):
             slow.infer("tiny", x, version="9")
         with pytest.raises(DeadlineExceeded):
-            slow.infer("tiny", x, timeout=1e-6)
+            slow.infer("slow", x, timeout=0.001)
         assert time.monotonic() - began < 2
     with Client(f"127.0.0.1:{free_port()}", retries=10, backoff=1.0, timeout=0.5) as nowhere:
         began = time.monotonic()

@@ -99,7 +99,7 @@ def test_config_pbtxt_parses_as_a_triton_model_config(seed_repository: Path, nam
         assert labels[:2] == ["tench", "goldfish"]
     assert len(labels) == output.dims[0]
     assert config.dynamic_batching.HasField("default_queue_policy")
-    assert config.dynamic_batching.max_queue_delay_microseconds == 0
+    assert config.dynamic_batching.max_queue_delay_microseconds == 2000
     assert config.dynamic_batching.preferred_batch_size[-1] == config.max_batch_size
     assert config.dynamic_batching.default_queue_policy.max_queue_size == 1024
     params = PreprocessParams.from_config({k: v.string_value for k, v in config.parameters.items()})

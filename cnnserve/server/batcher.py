@@ -1,11 +1,13 @@
 """The dynamic batcher: a bounded queue of requests → batches → runners.
 
 One asyncio task per model version takes an idle runner, gathers queued rows
-until the batch is full, a preferred size is reached, or the oldest request has
-waited `max_queue_delay`, then hands the batch to the runner's thread and goes
-on gathering for the next idle runner. A request larger than the room left is
-split across batches; its rows come back as views of the batch outputs.
-Cancelled requests and requests past their deadline are dropped before compute.
+until the batch is full, a preferred size is reached, or its adaptive window
+closes, then hands the batch to the runner (its thread, or inline) and goes on
+gathering for the next idle runner. The window never passes `max_queue_delay`
+and stays open only while requests keep arriving (see `_join`), so a lone
+client is not delayed. A request larger than the room left is split across
+batches; its rows come back as views of the batch outputs. Cancelled requests
+and requests past their deadline are dropped before compute.
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ class _Job:
 _Slice = tuple[_Job, int, int]  # job, first row, end row
 OnExecution = Callable[[int, Timings], None]
 
+# The adaptive batch window: its shortest, and how often it is tried while closed.
+_PROBE_NS = 100_000
+_PROBE_EVERY = 8
+
 
 class Batcher:
     """Queue → batches → runners for one model version."""
@@ -77,6 +83,8 @@ class Batcher:
         self._idle: asyncio.Queue[Runner] = asyncio.Queue()
         for runner in self._runners:
             self._idle.put_nowait(runner)
+        self._window_ns = 0
+        self._probe = 0
         self._closing = False
         self._task: asyncio.Task[None] | None = None
 
@@ -97,6 +105,8 @@ class Batcher:
         if len(self._queue) >= self._opts.max_queue_size:
             raise QueueFull(f"queue is full ({self._opts.max_queue_size} requests)")
         now = time.monotonic_ns()
+        if deadline_ns is not None and now >= deadline_ns:
+            raise DeadlineExceeded("the deadline passed before the request was queued")
         key = tuple((name, a.shape[1:], a.dtype.str) for name, a in inputs.items())
         job = _Job(inputs, rows, deadline_ns, asyncio.get_running_loop().create_future(), now, key)
         self._queue.append(job)
@@ -123,7 +133,7 @@ class Batcher:
             self._launch(runner, batch)
 
     def _limit(self) -> int:
-        """Rows to dispatch now, or 0 to keep waiting for more."""
+        """Rows to dispatch now, or 0 to let more requests join first."""
         most = max(1, self._opts.max_batch_size)
         if self._closing or self._queued_rows >= most or not self._opts.dynamic:
             return most
@@ -142,19 +152,50 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            limit = self._limit() or await self._join()
+            batch = self._take(limit)
+            if batch:
+                return batch
+
+    async def _join(self) -> int:
+        """Let more requests join the batch for the adaptive window, then return its size.
+
+        The window (at most `max_queue_delay`) follows how long arrivals keep coming:
+        it doubles while rows still arrive in its second half, shrinks to twice the
+        last arrival's time when they stop earlier, and halves to nothing when a wait
+        brings none. At nothing, every few batches wait a short probe instead, so a
+        rising load is noticed. A lone client never waits longer than the probe.
+        """
+        most = max(1, self._opts.max_batch_size)
+        window = self._window_ns
+        if not window:
+            self._probe = (self._probe + 1) % _PROBE_EVERY
+            if self._probe:
+                return most
+            window = min(_PROBE_NS, self._opts.max_queue_delay_ns)
+        start = time.monotonic_ns()
+        end = min(start + window, self._queue[0].enqueued_ns + self._opts.max_queue_delay_ns)
+        last_arrival = arrivals = 0
+        limit = 0
+        while not limit and (now := time.monotonic_ns()) < end:
+            if arrivals and now - start - last_arrival > 2 * last_arrival // arrivals:
+                break  # the arrivals have paused: twice their mean gap has passed
+            rows = self._queued_rows
+            await asyncio.sleep(0)
+            self._drop_dead()
+            if not self._queue:
+                return 0
+            if self._queued_rows != rows:
+                last_arrival = time.monotonic_ns() - start
+                arrivals += 1
             limit = self._limit()
-            if limit:
-                batch = self._take(limit)
-                if batch:
-                    return batch
-                continue
-            remaining = self._queue[0].enqueued_ns + self._opts.max_queue_delay_ns
-            self._wakeup.clear()
-            try:
-                async with asyncio.timeout(max(0, remaining - time.monotonic_ns()) / 1e9):
-                    await self._wakeup.wait()
-            except TimeoutError:
-                pass
+        if not last_arrival:
+            self._window_ns = window // 2 if window // 2 >= _PROBE_NS else 0
+        elif limit or last_arrival * 2 > window:
+            self._window_ns = min(window * 2, self._opts.max_queue_delay_ns)
+        else:
+            self._window_ns = max(last_arrival * 2, _PROBE_NS)
+        return limit or most
 
     def _drop_dead(self) -> None:
         """Forget cancelled requests and fail expired ones, from the head of the queue."""

@@ -8,6 +8,7 @@ from the ONNX graph where it is silent and checked against it where it speaks.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ from cnnserve.server.batcher import Batcher, BatchingOptions, JobResult
 from cnnserve.server.errors import ModelLoadError
 from cnnserve.server.metrics import Metrics, VersionState
 from cnnserve.server.repository import ModelSource
-from cnnserve.server.runner import Runner, RunnerOptions, Timings
+from cnnserve.server.runner import CPU, Runner, RunnerOptions, Timings
 from cnnserve.server.stats import VersionStats
 from cnnserve.server.tensors import (
     TensorSpec,
@@ -34,6 +35,10 @@ from cnnserve.v1 import model_config_pb2 as mc
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH_SIZE = 32  # for a config-less model whose graph has a dynamic batch axis
+# `inline_compute: auto` runs batches on the event loop when a full one takes less than
+# this (the longest the loop may stall), found by timing one row, then a full batch.
+INLINE_MAX_BATCH_NS = 2_000_000
+_INLINE_MAX_ROW_NS = 200_000
 _KINDS = {mc.ModelInstanceGroup.KIND_CPU: "cpu", mc.ModelInstanceGroup.KIND_GPU: "gpu"}
 
 
@@ -127,14 +132,25 @@ class ModelVersion:
             # The queue policy's timeout applies to requests that carry none of their own.
             self.default_timeout_us = policy.default_timeout_microseconds or None
             self._warm_up()
+            if self._runs_inline():
+                if "intra_op_threads" not in self.parameters:
+                    # One thread: waking onnxruntime's pool costs more than it saves here.
+                    self._close_runners()
+                    self.runners = self._create_runners(source, version, intra_op_threads=1)
+                    self._warm_up()
+                for runner in self.runners:
+                    runner.inline = True
         except BaseException:
             self._close_runners()
             raise
         self.provider = self.runners[0].provider
+        self.inline = self.runners[0].inline
         self.load_seconds = time.perf_counter() - started
         self.batcher: Batcher | None = None
 
-    def _create_runners(self, source: ModelSource, version: int) -> list[Runner]:
+    def _create_runners(
+        self, source: ModelSource, version: int, *, intra_op_threads: int | None = None
+    ) -> list[Runner]:
         groups = list(self.config.instance_group) or [mc.ModelInstanceGroup(count=1)]
         runners: list[Runner] = []
         total = sum(max(1, g.count) for g in groups)
@@ -144,6 +160,8 @@ class ModelVersion:
                 options = RunnerOptions.from_parameters(
                     self.parameters, device=device, gpu_id=(g.gpus or [0])[0], instances=total
                 )
+                if intra_op_threads is not None:
+                    options = dataclasses.replace(options, intra_op_threads=intra_op_threads)
                 for _ in range(max(1, g.count)):
                     label = f"{self.name}:{version}#{len(runners)}"
                     runners.append(Runner(source.versions[version], options, label=label))
@@ -179,6 +197,40 @@ class ModelVersion:
             for runner in self.runners:
                 for _ in range(max(1, plan.count)):
                     runner.run(feeds, self.output_names)
+
+    def _runs_inline(self) -> bool:
+        """The `inline_compute` parameter: true, false, or auto (time it, see the limits)."""
+        mode = self.parameters.get("inline_compute", "auto").lower()
+        if mode not in ("auto", "true", "false"):
+            raise ModelLoadError("parameter inline_compute must be auto, true or false")
+        if mode != "auto":
+            return mode == "true"
+        if len(self.runners) != 1 or self.runners[0].provider != CPU:
+            return False
+        rows = max(1, self.config.max_batch_size)
+        one = self._fastest_run(1)
+        if one is None or one > _INLINE_MAX_ROW_NS:
+            return False
+        full = one if rows == 1 else self._fastest_run(rows)
+        return full is not None and full <= INLINE_MAX_BATCH_NS
+
+    def _fastest_run(self, rows: int, tries: int = 3) -> int | None:
+        """The shortest of `tries` runs of `rows` rows of zeros, in ns (None: no zeros to feed).
+
+        The first runs of a new shape are slow (onnxruntime allocates), so two go untimed.
+        """
+        feeds = self._warmup_feeds(mc.ModelWarmup(name="timing", batch_size=rows))
+        if feeds is None:
+            return None
+        for _ in range(2):
+            self.runners[0].run(feeds, self.output_names)
+        best = None
+        for _ in range(tries):
+            started = time.perf_counter_ns()
+            self.runners[0].run(feeds, self.output_names)
+            elapsed = time.perf_counter_ns() - started
+            best = elapsed if best is None else min(best, elapsed)
+        return best
 
     def _warmup_feeds(self, plan: mc.ModelWarmup) -> dict[str, np.ndarray] | None:
         rows = max(1, plan.batch_size)

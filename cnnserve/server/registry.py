@@ -177,8 +177,9 @@ class Registry:
             loaded.start(self._metrics)
             fresh[version] = loaded
             log.info(
-                "loaded %s version %d on %s in %.2fs",
-                model.name, version, loaded.provider, loaded.load_seconds,
+                "loaded %s version %d on %s%s in %.2fs",
+                model.name, version, loaded.provider,
+                " (batches run inline)" if loaded.inline else "", loaded.load_seconds,
             )  # fmt: skip
         # Old versions keep serving where their replacement failed; if nothing new loaded,
         # all of them do, so a broken new version never takes a model offline.

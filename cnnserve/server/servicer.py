@@ -109,6 +109,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         response = pb.ModelConfigResponse()
         response.config.CopyFrom(model.config)
         response.config.parameters["execution_provider"].string_value = model.provider
+        response.config.parameters["inline_compute"].string_value = str(model.inline).lower()
         return response
 
     @rpc("ModelStatistics")
