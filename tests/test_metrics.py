@@ -129,9 +129,15 @@ def test_health_reflection_and_unknown_methods_are_counted(traffic: Running) -> 
         with pytest.raises(grpc.RpcError) as error:
             unknown(b"", timeout=5)
         assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        for i in range(40):  # names a client makes up do not each get a series
+            with pytest.raises(grpc.RpcError):
+                channel.unary_unary(f"/made.Up/Method{i}")(b"", timeout=5)
     m = scrape(traffic)
     assert value(m, "cnnserve_grpc_requests_total", method="Check", code="OK") >= 1
     assert value(m, "cnnserve_grpc_requests_total", method="Nonexistent", code="UNIMPLEMENTED") == 1
+    methods = {s.labels["method"] for s in m["cnnserve_grpc_requests_total"]}
+    assert 0 < len({name for name in methods if name.startswith("Method")}) < 32
+    assert value(m, "cnnserve_grpc_requests_total", method="(other)", code="UNIMPLEMENTED") >= 9
 
 
 def test_unloaded_model_leaves_no_series(traffic: Running) -> None:

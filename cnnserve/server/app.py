@@ -72,7 +72,6 @@ class Server:
         )
         self.classifier = ClassifierServicer(
             self.registry,
-            self.metrics,
             limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels),
             workers=settings.preprocess_threads,
             request_log_rate=settings.request_log_rate,

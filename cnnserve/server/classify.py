@@ -22,7 +22,6 @@ from PIL import Image, UnidentifiedImageError
 
 from cnnserve.preprocess import PreprocessParams, preprocess
 from cnnserve.server.errors import CnnserveError, InvalidInput, NotAllowed, ServerDraining
-from cnnserve.server.metrics import Metrics
 from cnnserve.server.model import ModelVersion
 from cnnserve.server.registry import Registry
 from cnnserve.server.servicer import deadline_ns
@@ -72,14 +71,12 @@ class ClassifierServicer(classification_pb2_grpc.ImageClassifierServicer):
     def __init__(
         self,
         registry: Registry,
-        metrics: Metrics | None,
         *,
         limits: ImageLimits,
         workers: int,
         request_log_rate: float = 0.0,
     ) -> None:
         self.registry = registry
-        self.metrics = metrics
         self.limits = limits
         self.request_log_rate = request_log_rate
         self.draining = False
@@ -109,10 +106,9 @@ class ClassifierServicer(classification_pb2_grpc.ImageClassifierServicer):
         started = time.perf_counter_ns()
         loop = asyncio.get_running_loop()
         array = await loop.run_in_executor(self._pool, _decode, index, data, params, self.limits)
-        if self.metrics is not None:
-            labels = (model.name, str(model.version))
+        if model.series is not None:
             seconds = (time.perf_counter_ns() - started) / 1e9
-            self.metrics.preprocess_duration.labels(*labels).observe(seconds)
+            model.series.preprocess_duration.observe(seconds)
         return array
 
     async def classify(

@@ -1,7 +1,8 @@
 """Server interceptors: what applies to every RPC of every service.
 
 `CallCounter` counts each call by method and final status code, for our
-services, health, reflection, and methods that do not exist (UNIMPLEMENTED).
+services, health, reflection, and methods that do not exist (UNIMPLEMENTED;
+after 32 distinct such names, the rest are counted as method "(other)").
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from prometheus_client import Counter
 
 from cnnserve.server.metrics import Metrics
 
+_UNKNOWN_METHODS = 32  # distinct unimplemented method names counted by name
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
 
 
@@ -26,9 +29,15 @@ def _final_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
 class CallCounter(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
+        self._counters: dict[tuple[str, grpc.StatusCode], Counter] = {}
+        self._unknown: set[str] = set()
 
     def _count(self, method: str, code: grpc.StatusCode) -> None:
-        self._metrics.grpc_requests.labels(method, code.name).inc()
+        counter = self._counters.get((method, code))
+        if counter is None:
+            counter = self._metrics.grpc_requests.labels(method, code.name)
+            self._counters[(method, code)] = counter
+        counter.inc()
 
     async def intercept_service(
         self, continuation: Continuation, details: grpc.HandlerCallDetails
@@ -36,6 +45,11 @@ class CallCounter(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         method = details.method.rsplit("/", 1)[-1] or details.method
         if handler is None:
+            # Clients choose these names: past a few, they share one series.
+            if len(self._unknown) < _UNKNOWN_METHODS or method in self._unknown:
+                self._unknown.add(method)
+            else:
+                method = "(other)"
             self._count(method, grpc.StatusCode.UNIMPLEMENTED)
             return None
         if handler.unary_unary is not None:

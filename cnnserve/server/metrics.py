@@ -116,6 +116,28 @@ class _GpuCollector(Collector):
         yield from (utilization, used, total)
 
 
+class VersionSeries:
+    """One version's series, labelled once: the request path only observes."""
+
+    def __init__(self, metrics: Metrics, model: str, version: str) -> None:
+        labels = (model, version)
+        self.request_duration = metrics.request_duration.labels(*labels)
+        self.queue_duration = metrics.queue_duration.labels(*labels)
+        self.compute_duration = metrics.compute_duration.labels(*labels)
+        self.preprocess_duration = metrics.preprocess_duration.labels(*labels)
+        self.batch_size = metrics.batch_size.labels(*labels)
+        self.executions = metrics.executions.labels(*labels)
+        self._requests = metrics.requests
+        self._labels = labels
+        self._outcomes: dict[str, Counter] = {}
+
+    def requests(self, outcome: str) -> Counter:
+        counter = self._outcomes.get(outcome)
+        if counter is None:
+            counter = self._outcomes[outcome] = self._requests.labels(*self._labels, outcome)
+        return counter
+
+
 class Metrics:
     """The metric families of one server; see the README's Metrics section."""
 
@@ -178,6 +200,7 @@ class Metrics:
             ["method", "code"],
             registry=r,
         )
+        self._series: dict[tuple[str, str], VersionSeries] = {}
         self._labelled = (
             self.request_duration,
             self.queue_duration,
@@ -191,8 +214,16 @@ class Metrics:
         """Publish the registry's state gauges, read at each scrape."""
         self.registry.register(_StateCollector(states))
 
+    def series(self, model: str, version: str) -> VersionSeries:
+        """The version's series, made on first use and kept until `forget`."""
+        found = self._series.get((model, version))
+        if found is None:
+            found = self._series[(model, version)] = VersionSeries(self, model, version)
+        return found
+
     def forget(self, model: str, version: str) -> None:
         """Drop an unloaded version's series so that none go stale."""
+        self._series.pop((model, version), None)
         for family in self._labelled:
             with contextlib.suppress(KeyError):
                 family.remove(model, version)

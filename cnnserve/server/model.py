@@ -19,7 +19,7 @@ import numpy as np
 
 from cnnserve.server.batcher import Batcher, BatchingOptions, JobResult
 from cnnserve.server.errors import ModelLoadError
-from cnnserve.server.metrics import Metrics, VersionState
+from cnnserve.server.metrics import Metrics, VersionSeries, VersionState
 from cnnserve.server.repository import ModelSource
 from cnnserve.server.runner import CPU, Runner, RunnerOptions, Timings
 from cnnserve.server.stats import VersionStats
@@ -147,6 +147,7 @@ class ModelVersion:
         self.inline = self.runners[0].inline
         self.load_seconds = time.perf_counter() - started
         self.batcher: Batcher | None = None
+        self.series: VersionSeries | None = None
 
     def _create_runners(
         self, source: ModelSource, version: int, *, intra_op_threads: int | None = None
@@ -259,16 +260,15 @@ class ModelVersion:
 
     def start(self, metrics: Metrics | None) -> None:
         """Start the batcher on the running event loop."""
-        labels = (self.name, str(self.version))
+        self.series = None if metrics is None else metrics.series(self.name, str(self.version))
+        series = self.series
 
         def on_execution(rows: int, t: Timings) -> None:
             self.stats.record_execution(rows, t)
-            if metrics is not None:
-                metrics.batch_size.labels(*labels).observe(rows)
-                metrics.executions.labels(*labels).inc()
-                metrics.compute_duration.labels(*labels).observe(
-                    (t.input_ns + t.infer_ns + t.output_ns) / 1e9
-                )
+            if series is not None:
+                series.batch_size.observe(rows)
+                series.executions.inc()
+                series.compute_duration.observe((t.input_ns + t.infer_ns + t.output_ns) / 1e9)
 
         self.batcher = Batcher(self.runners, self.output_names, self.batching, on_execution)
         self.batcher.start()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from cnnserve.server.batcher import JobResult
 from cnnserve.server.errors import CnnserveError
-from cnnserve.server.metrics import Metrics
+from cnnserve.server.metrics import VersionSeries
 from cnnserve.server.runner import Timings
 from cnnserve.server.stats import VersionStats
 
@@ -45,7 +45,7 @@ def _outcome(exc: BaseException) -> str:
 @contextmanager
 def observe(
     stats: VersionStats,
-    metrics: Metrics | None,
+    series: VersionSeries | None,
     labels: tuple[str, str],
     *,
     request_id: str,
@@ -76,11 +76,11 @@ def observe(
             stats.record_success(seen.rows, elapsed, queue_ns, timings)
         else:
             stats.record_failure(elapsed)
-        if metrics is not None:
-            metrics.requests.labels(*labels, outcome).inc()
-            metrics.request_duration.labels(*labels).observe(elapsed / 1e9)
+        if series is not None:
+            series.requests(outcome).inc()
+            series.request_duration.observe(elapsed / 1e9)
             if outcome == "success":
-                metrics.queue_duration.labels(*labels).observe(queue_ns / 1e9)
+                series.queue_duration.observe(queue_ns / 1e9)
         if log_rate and random.random() < log_rate:
             fields: dict[str, object] = {
                 "request_id": request_id or uuid.uuid4().hex,

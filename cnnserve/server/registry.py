@@ -110,7 +110,7 @@ class Registry:
             self.lease(name, version) as model,
             observe(
                 model.stats,
-                self._metrics,
+                model.series,
                 (model.name, str(model.version)),
                 request_id=request_id,
                 log_rate=log_rate,
