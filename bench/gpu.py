@@ -30,19 +30,14 @@ def cuda_works(model_dir: Path) -> tuple[bool, str]:
     if not Path("/dev/nvidiactl").exists():
         return False, "skipped: no NVIDIA device on this machine"
     try:
-        runner, _ = raw.runner_for(model_dir, device="gpu")
+        with raw.server_runner(model_dir) as runner:
+            if runner.provider != CUDA:
+                return False, f"skipped: onnxruntime fell back to {runner.provider}"
+            spec = runner.inputs[0]
+            x = np.zeros((1, *spec.shape[1:]), dtype=np.float32)
+            runner.run({spec.name: x}, [o.name for o in runner.outputs])
     except Exception as exc:  # any failure means: no usable GPU here
-        return False, f"skipped: a CUDA session could not be created ({exc})"
-    try:
-        if runner.provider != CUDA:
-            return False, f"skipped: onnxruntime fell back to {runner.provider}"
-        spec = runner.inputs[0]
-        x = np.zeros((1, *spec.shape[1:]), dtype=np.float32)
-        runner.run({spec.name: x}, [o.name for o in runner.outputs])
-    except Exception as exc:
-        return False, f"skipped: a CUDA run failed ({exc})"
-    finally:
-        runner.close()
+        return False, f"skipped: a CUDA session or run failed ({exc})"
     return True, "ran"
 
 
@@ -72,7 +67,7 @@ def run(repository: Path, bench: Path, policy: Policy, raw_seconds: float) -> di
     gpu_repo = variant(repository, bench / "gpu", names, device="gpu")
     models: dict[str, Any] = {name: {} for name in names}
     for name in names:
-        models[name]["raw"] = raw.measure(gpu_repo / name, raw_seconds, device="gpu")
+        models[name]["raw"] = raw.measure(gpu_repo / name, raw_seconds)
     with servers.cnnserve(gpu_repo, names, bench / "logs" / "gpu.log") as server:
         for name in names:
             load = drive.workload(server.url, name)

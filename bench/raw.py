@@ -1,14 +1,18 @@
 """(a) The physical limit: onnxruntime called in-process, batch by batch.
 
-The session is the server's own `Runner`, built from the model's config
-exactly as the server builds it (provider, intra/inter-op threads, spinning
-off, graph optimisation), and `Runner.run` is the call the server's worker
-thread makes. Nothing else runs meanwhile: no server is up during this step.
+The session is the server's own `Runner`, made by the server's own model
+loading (provider, intra/inter-op threads, spinning off, graph optimisation,
+and for a model whose batches run inline, its single thread), and `Runner.run`
+is the call the server makes. Nothing else runs meanwhile: no server is up
+during this step.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +20,9 @@ from typing import Any
 import numpy as np
 from google.protobuf import text_format
 
-from cnnserve.server.runner import Runner, RunnerOptions
+from cnnserve.server.model import ModelVersion
+from cnnserve.server.repository import read_model
+from cnnserve.server.runner import Runner
 from cnnserve.v1 import model_config_pb2 as mc
 
 
@@ -32,16 +38,16 @@ def read_config(model_dir: Path) -> mc.ModelConfig:
     return text_format.Parse((model_dir / "config.pbtxt").read_text(), mc.ModelConfig())
 
 
-def runner_for(model_dir: Path, device: str = "cpu") -> tuple[Runner, RunnerOptions]:
-    """A Runner with the options the server derives from this config."""
-    config = read_config(model_dir)
-    parameters = {k: v.string_value for k, v in config.parameters.items()}
-    instances = sum(max(1, g.count) for g in config.instance_group) or 1
-    options = RunnerOptions.from_parameters(
-        parameters, device=device, gpu_id=0, instances=instances
-    )
+@contextmanager
+def server_runner(model_dir: Path) -> Iterator[Runner]:
+    """The first Runner of the latest version, loaded as the server loads it."""
     versions = sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit())
-    return Runner(model_dir / str(versions[-1]) / "model.onnx", options, label="raw"), options
+    source = read_model(model_dir.parent, model_dir.name)
+    version = ModelVersion(source, versions[-1], default_queue=1)
+    try:
+        yield version.runners[0]
+    finally:
+        asyncio.run(version.close())
 
 
 def batch_sizes(max_batch_size: int) -> list[int]:
@@ -70,15 +76,14 @@ def _figure(runner: Runner, feeds: dict[str, np.ndarray], outputs: list[str], ba
     return BatchFigure(batch, runs, round(rate, 2), round(float(np.median(times)) / 1e6, 3))
 
 
-def measure(model_dir: Path, seconds: float, device: str = "cpu") -> dict[str, Any]:
+def measure(model_dir: Path, seconds: float) -> dict[str, Any]:
     """Inferences/s and p50 at each batch size up to max_batch_size; the best batch.
 
     The best batch of the sweep is measured again, three times as long: the
     largest of several noisy figures overstates, and every ratio divides by it.
     """
     config = read_config(model_dir)
-    runner, options = runner_for(model_dir, device)
-    try:
+    with server_runner(model_dir) as runner:
         spec = runner.inputs[0]
         dims = list(spec.shape[1:])
         outputs = [o.name for o in runner.outputs]
@@ -90,12 +95,11 @@ def measure(model_dir: Path, seconds: float, device: str = "cpu") -> dict[str, A
         figures = [_figure(runner, f, outputs, b, seconds) for b, f in feeds.items()]
         chosen = max(figures, key=lambda f: f.inferences_per_s).batch
         best = _figure(runner, feeds[chosen], outputs, chosen, 3 * seconds)
-    finally:
-        runner.close()
     return {
         "provider": runner.provider,
-        "intra_op_threads": options.intra_op_threads,
-        "inter_op_threads": options.inter_op_threads,
+        "inline": runner.inline,
+        "intra_op_threads": runner.options.intra_op_threads,
+        "inter_op_threads": runner.options.inter_op_threads,
         "batches": [asdict(f) for f in figures],
         "batch1": asdict(figures[0]),
         "best": asdict(best),

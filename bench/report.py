@@ -170,7 +170,8 @@ def model_table(name: str, m: Figures) -> list[str]:
         f"### {name}",
         "",
         f"(a) raw onnxruntime ({raw.get('provider', '?')}, intra-op threads "
-        f"{raw.get('intra_op_threads', '?')}, 0 = onnxruntime's default): batch 1 "
+        f"{raw.get('intra_op_threads', '?')}, 0 = onnxruntime's default"
+        f"{'; batches run inline, as the server runs them' if raw.get('inline') else ''}): batch 1 "
         f"{_n(one.get('inferences_per_s'))} inferences/s (p50 {_n(one.get('p50_ms'), 3)} ms); "
         f"best batch {best.get('batch', '-')}: {_n(best.get('inferences_per_s'))} inferences/s "
         f"(other load {_n(raw.get('other_processes_cores'), 2)} cores).",

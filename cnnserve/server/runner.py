@@ -150,6 +150,7 @@ class Runner:
             log.warning(
                 "%s: %s is not usable here; running on %s", label, first_wanted, self.provider
             )
+        self.options = options
         self._device_id = options.gpu_id
         self.inline = False
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"runner-{label}")
