@@ -108,6 +108,10 @@ def test_bearer_token_is_required_and_health_stays_open(repo: Path, tmp_path: Pa
         assert infer(client, headers=good).shape == (1, 3)
         old = {"authorization": "Bearer s3cret"}
         assert status(lambda: infer(client, headers=old)) == "StatusCode.UNAUTHENTICATED"
+        calls = srv.server.metrics.registry.get_sample_value
+        refused = {"method": "ModelInfer", "code": "UNAUTHENTICATED"}
+        assert calls("cnnserve_grpc_requests_total", refused) == 3
+        assert calls("cnnserve_grpc_requests_total", {"method": "ModelInfer", "code": "OK"}) == 2
 
 
 def test_closed_health_needs_the_token_too(repo: Path, tmp_path: Path) -> None:

@@ -17,13 +17,13 @@ from pathlib import Path
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from prometheus_client import start_http_server
 
 import cnnserve.v1
 from cnnserve.server.classify import ClassifierServicer, ImageLimits
 from cnnserve.server.config import Settings
-from cnnserve.server.interceptors import CallCounter
+from cnnserve.server.counting import CallCounter
 from cnnserve.server.metrics import Metrics
 from cnnserve.server.registry import Registry
 from cnnserve.server.repository import list_models
@@ -115,22 +115,32 @@ class Server:
     async def start(self) -> None:
         """Open the ports, load the models, then report SERVING."""
         s = self.settings
-        interceptors: list[grpc.aio.ServerInterceptor] = [CallCounter(self.metrics)]
+        counter = CallCounter(self.metrics)
+        interceptors: list[grpc.aio.ServerInterceptor] = []
         if s.auth_token_file or s.admin_token_file:
             open_health = s.open_health == "true"
-            auth = TokenAuth(s.auth_token_file, s.admin_token_file, open_health=open_health)
+            auth = TokenAuth(
+                s.auth_token_file,
+                s.admin_token_file,
+                open_health=open_health,
+                refused=counter.count,
+            )
             interceptors.append(auth)
         server = grpc.aio.server(interceptors=interceptors, options=self._grpc_options())
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.inference, server)
-        classification_pb2_grpc.add_ImageClassifierServicer_to_server(self.classifier, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        services = counter.registrar(server)
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.inference, services)
+        classification_pb2_grpc.add_ImageClassifierServicer_to_server(self.classifier, services)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
         names = [
             INFERENCE_SERVICE,
             CLASSIFIER_SERVICE,
             health.SERVICE_NAME,
             reflection.SERVICE_NAME,
         ]
-        reflection.enable_server_reflection(names, server, pool=_reflection_pool())
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer(names, pool=_reflection_pool()), services
+        )
+        server.add_generic_rpc_handlers((counter.unknown(),))
         self.grpc_port = self._bind(server)
         await self.health.set("", NOT_SERVING)
         self.registry.starting = True

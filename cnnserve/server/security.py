@@ -21,6 +21,8 @@ from typing import Any
 
 import grpc
 
+from cnnserve.server.counting import method_name
+
 log = logging.getLogger(__name__)
 
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/")
@@ -114,11 +116,17 @@ def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
 
 class TokenAuth(grpc.aio.ServerInterceptor):
     def __init__(
-        self, token_file: Path | None, admin_file: Path | None, *, open_health: bool
+        self,
+        token_file: Path | None,
+        admin_file: Path | None,
+        *,
+        open_health: bool,
+        refused: Callable[[str, grpc.StatusCode], None] | None = None,
     ) -> None:
         self._users = WatchedFile(token_file) if token_file else None
         self._admins = WatchedFile(admin_file) if admin_file else None
         self._open_health = open_health
+        self._refused = refused
 
     @staticmethod
     def _presented(details: grpc.HandlerCallDetails) -> bytes | None:
@@ -161,4 +169,6 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         refusal = self.check(details)
         if handler is None or refusal is None:
             return handler
+        if self._refused is not None:
+            self._refused(method_name(details.method), refusal[0])
         return _refusal(handler, *refusal)

@@ -3,7 +3,7 @@
 `rpc` wraps a unary handler: it refuses calls while the server drains, maps
 each CnnserveError to its status with the error's message, and turns anything
 else into INTERNAL with a generic message (the traceback goes to the log).
-Calls are counted by method and code in `interceptors`.
+Calls are counted by method and code in `counting`.
 """
 
 from __future__ import annotations
