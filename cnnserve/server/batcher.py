@@ -238,16 +238,13 @@ class Batcher:
         future.add_done_callback(lambda f: self._finish(runner, batch, f))
 
     def _execute(self, runner: Runner, batch: list[_Slice]) -> tuple[list[np.ndarray], Timings]:
-        """In the runner's thread: one concatenation (none for a lone request), one run."""
+        """In the runner's thread: one concatenation (on the CPU none for a lone request), one
+        run."""
         t0 = time.perf_counter_ns()
-        job, lo, hi = batch[0]
-        if len(batch) == 1 and lo == 0 and hi == job.rows:
-            feeds = job.inputs
-        else:
-            feeds = {
-                name: np.concatenate([j.inputs[name][a:b] for j, a, b in batch])
-                for name in job.inputs
-            }
+        names = batch[0][0].inputs
+        feeds = {
+            name: runner.gather(name, [j.inputs[name][a:b] for j, a, b in batch]) for name in names
+        }
         concat_ns = time.perf_counter_ns() - t0
         outputs, t = runner.run(feeds, self._output_names)
         return outputs, Timings(t.input_ns + concat_ns, t.infer_ns, t.output_ns)
