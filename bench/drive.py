@@ -11,8 +11,8 @@ import grpc
 
 from bench.machine import Background, QuietGate
 from cnnserve.client.connection import Connection, connect
-from cnnserve.client.loadtest import channel_factory, prepare, stats_reader
 from cnnserve.client.loadtest_engine import Level, Policy, StatsReader, Workload, run_levels
+from cnnserve.client.loadtest_setup import channel_factory, prepare, stats_reader
 from cnnserve.v1 import grpc_service_pb2_grpc
 
 MAX_MESSAGE = 256 * 1024 * 1024
