@@ -185,7 +185,7 @@ class Batcher:
             self._drop_dead()
             if not self._queue:
                 return 0
-            if self._queued_rows != rows:
+            if self._queued_rows > rows:
                 last_arrival = time.monotonic_ns() - start
                 arrivals += 1
             limit = self._limit()

@@ -159,7 +159,7 @@ class Runner:
             if allocator is not None:
                 self._staging = PinnedStaging(allocator)
             else:
-                log.warning("%s: no pinned host memory; inputs are copied from pageable", label)
+                log.warning("%s: no pinned host memory; inputs go from ordinary memory", label)
         self.inline = False
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"runner-{label}")
 
