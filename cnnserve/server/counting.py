@@ -64,26 +64,20 @@ class CallCounter:
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """The same handler, counting each call's outcome."""
-        serdes = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, handler.unary_unary), **serdes
-            )
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                self._unary(method, handler.stream_unary), **serdes
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._streaming(method, handler.unary_stream), **serdes
-            )
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(
-                self._streaming(method, handler.stream_stream), **serdes
-            )
+        kinds: tuple[tuple[str, Callable[..., grpc.RpcMethodHandler], Callable[..., Any]], ...] = (
+            ("unary_unary", grpc.unary_unary_rpc_method_handler, self._unary),
+            ("stream_unary", grpc.stream_unary_rpc_method_handler, self._unary),
+            ("unary_stream", grpc.unary_stream_rpc_method_handler, self._streaming),
+            ("stream_stream", grpc.stream_stream_rpc_method_handler, self._streaming),
+        )
+        for kind, make, counting in kinds:
+            behaviour = getattr(handler, kind)
+            if behaviour is not None:
+                return make(
+                    counting(method, behaviour),
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer,
+                )
         return handler
 
     def _unary(self, method: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
