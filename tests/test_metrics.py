@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -162,3 +163,26 @@ def test_process_series_are_exported_and_gpu_series_only_with_a_gpu(traffic: Run
         assert gpu_series == []
     else:
         assert "cnnserve_gpu_memory_used_bytes" in gpu_series
+
+
+def test_request_log_records_each_outcome(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_tiny(tmp_path)
+    caplog.set_level(logging.INFO, logger="cnnserve.requests")
+    with server_in_thread(tmp_path, metrics_port=-1, request_log_rate=1.0) as server:
+        client = tc.InferenceServerClient(server.url)
+        x = tc.InferInput("x", [2, 4], "FP32")
+        x.set_data_from_numpy(np.ones((2, 4), np.float32))
+        client.infer("tiny", [x], request_id="ok-1")
+        with pytest.raises(Exception, match="shape"):
+            infer(client, 1, width=5)
+        client.close()
+        assert server.server.registry.get("tiny")._in_use == 0  # both leases were released
+    records = [r for r in caplog.records if r.name == "cnnserve.requests"]
+    assert [r.__dict__["outcome"] for r in records] == ["success", "invalid_argument"]
+    ok, bad = (r.__dict__ for r in records)
+    assert (ok["request_id"], ok["model"], ok["version"]) == ("ok-1", "tiny", "1")
+    assert ok["duration_ms"] >= ok["queue_ms"] >= 0
+    assert ok["compute_ms"] > 0
+    assert len(bad["request_id"]) == 32  # none was sent: a generated one
+    assert "queue_ms" not in bad
+    assert bad["duration_ms"] >= 0

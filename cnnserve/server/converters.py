@@ -60,7 +60,7 @@ def _check_shape(
     tensor: pb.ModelInferRequest.InferInputTensor, spec: TensorSpec
 ) -> tuple[int, ...]:
     shape = tuple(tensor.shape)
-    if any(d < 0 for d in shape):
+    if shape and min(shape) < 0:
         raise InvalidInput(f"input {spec.name!r}: negative dimension in shape {list(shape)}")
     if not spec.matches(shape):
         raise InvalidInput(
@@ -158,25 +158,29 @@ def _decode_inputs(
 ) -> dict[str, np.ndarray]:
     specs = {s.name: s for s in inputs}
     raw = request.raw_input_contents
-    if raw and any(t.HasField("contents") for t in request.inputs):
-        raise InvalidInput(
-            "a request carries either raw_input_contents or typed contents, not both"
-        )
-    if raw and len(raw) != len(request.inputs):
-        raise InvalidInput(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
+    tensors = request.inputs
+    if raw:
+        if len(raw) != len(tensors):
+            raise InvalidInput(f"{len(raw)} raw_input_contents for {len(tensors)} inputs")
+        for tensor in tensors:
+            if tensor.HasField("contents"):
+                raise InvalidInput(
+                    "a request carries either raw_input_contents or typed contents, not both"
+                )
     arrays: dict[str, np.ndarray] = {}
-    for i, tensor in enumerate(request.inputs):
-        spec = specs.get(tensor.name)
+    for i, tensor in enumerate(tensors):
+        name = tensor.name
+        spec = specs.get(name)
         if spec is None:
-            raise InvalidInput(f"unknown input {tensor.name!r}; the model has {sorted(specs)}")
-        if tensor.name in arrays:
-            raise InvalidInput(f"input {tensor.name!r} given twice")
+            raise InvalidInput(f"unknown input {name!r}; the model has {sorted(specs)}")
+        if name in arrays:
+            raise InvalidInput(f"input {name!r} given twice")
         if tensor.datatype != spec.datatype:
             raise InvalidInput(
-                f"input {spec.name!r}: datatype {tensor.datatype!r}, expected {spec.datatype}"
+                f"input {name!r}: datatype {tensor.datatype!r}, expected {spec.datatype}"
             )
         shape = _check_shape(tensor, spec)
-        arrays[tensor.name] = (
+        arrays[name] = (
             _from_raw(raw[i], spec, shape) if raw else _from_typed(tensor.contents, spec, shape)
         )
     missing = sorted(set(specs) - set(arrays))

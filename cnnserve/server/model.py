@@ -182,6 +182,7 @@ class ModelVersion:
         self.inputs = _complete(self.config, "input", graph_inputs)
         self.outputs = _complete(self.config, "output", list(self.runners[0].outputs))
         self.output_names = [o.name for o in self.outputs]
+        self._reshapes_inputs = any(i.shape != i.model_shape for i in self.inputs)
         self._reshapes_outputs = any(o.shape != o.model_shape for o in self.outputs)
 
     def _warm_up(self) -> None:
@@ -277,9 +278,10 @@ class ModelVersion:
         self, inputs: Mapping[str, np.ndarray], rows: int, deadline_ns: int | None
     ) -> JobResult:
         assert self.batcher is not None, "start() first"
-        feeds = {
-            spec.name: _reshape(inputs[spec.name], spec.model_shape, rows) for spec in self.inputs
-        }
+        if self._reshapes_inputs:
+            feeds = {s.name: _reshape(inputs[s.name], s.model_shape, rows) for s in self.inputs}
+        else:  # already in the graph's shape (decoding checked it), in the model's order
+            feeds = {s.name: inputs[s.name] for s in self.inputs}
         result = await self.batcher.submit(feeds, rows, deadline_ns)
         if not self._reshapes_outputs:
             return result

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from cnnserve.server.errors import (
 )
 from cnnserve.server.metrics import Metrics, VersionState
 from cnnserve.server.model import ModelVersion
-from cnnserve.server.observe import Observation, observe
+from cnnserve.server.observe import Observe
 from cnnserve.server.repository import check_model_name, list_models, read_model
 
 log = logging.getLogger(__name__)
@@ -91,32 +90,12 @@ class Registry:
             raise ModelNotFound(f"model {name!r} has no ready version {version}")
         return found
 
-    @contextmanager
-    def lease(self, name: str, version: str = "") -> Iterator[ModelVersion]:
-        """The version to run on, kept open until the `with` block ends."""
-        chosen = self.get(name, version)
-        chosen.acquire()
-        try:
-            yield chosen
-        finally:
-            chosen.release()
-
-    @contextmanager
     def request(
         self, name: str, version: str, *, request_id: str, log_rate: float
-    ) -> Iterator[tuple[ModelVersion, Observation]]:
-        """A lease on the version plus the observation that records the request's outcome."""
-        with (
-            self.lease(name, version) as model,
-            observe(
-                model.stats,
-                model.series,
-                (model.name, str(model.version)),
-                request_id=request_id,
-                log_rate=log_rate,
-            ) as seen,
-        ):
-            yield model, seen
+    ) -> Observe[ModelVersion]:
+        """`with registry.request(...) as (version, seen):` the version to run on, leased
+        and measured until the block ends."""
+        return Observe(self.get(name, version), request_id=request_id, log_rate=log_rate)
 
     def ready(self, name: str, version: str = "") -> bool:
         try:

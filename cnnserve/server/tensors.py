@@ -30,6 +30,7 @@ _TABLE: dict[str, tuple[np.dtype, int, str]] = {
 }
 _BY_ENUM = {enum: name for name, (_, enum, _) in _TABLE.items()}
 _BY_ORT = {ort: name for name, (_, _, ort) in _TABLE.items()}
+_BY_NUMPY = {np_dtype: name for name, (np_dtype, _, _) in _TABLE.items()}
 
 DATATYPES = frozenset(_TABLE)
 
@@ -51,10 +52,10 @@ def from_onnx_type(ort_type: str) -> str | None:
 
 
 def from_numpy(dtype: np.dtype) -> str:
-    for name, (np_dtype, _, _) in _TABLE.items():
-        if np_dtype == dtype:
-            return name
-    raise ValueError(f"no protocol datatype for numpy {dtype}")
+    name = _BY_NUMPY.get(np.dtype(dtype))
+    if name is None:
+        raise ValueError(f"no protocol datatype for numpy {dtype}")
+    return name
 
 
 def element_size(datatype: str) -> int:
@@ -81,6 +82,8 @@ class TensorSpec:
             object.__setattr__(self, "model_shape", self.shape)
 
     def matches(self, shape: tuple[int, ...]) -> bool:
-        return len(shape) == len(self.shape) and all(
-            want in (-1, got) for want, got in zip(self.shape, shape, strict=True)
-        )
+        if len(shape) != len(self.shape):
+            return False
+        if self.shape[1:] == shape[1:] and self.shape[:1] in ((-1,), shape[:1]):
+            return True  # the common case, a batch of fixed-size rows, without a loop
+        return all(want in (-1, got) for want, got in zip(self.shape, shape, strict=True))
