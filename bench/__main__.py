@@ -5,8 +5,10 @@
 
 Steps: export the models (first run only), (a) raw onnxruntime, (b) cnnserve
 batched, (d) the echo floor, (c) cnnserve unbatched, (e) MLServer, (f) int8,
-the GPU section. Servers run one at a time, so that none takes cores from
-another. A peer that cannot be installed or started is recorded, not fatal.
+the GPU section. (b), (d) and (c) are up together and measured in turn at each
+level, so that the machine's speed drifting during the run moves all three alike;
+an idle server takes no cores. A peer that cannot be installed or started is
+recorded, not fatal.
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ class Run:
             statistics=statistics,
             gate=self.gate,
         )
-        self.results["models"].setdefault(model, {})[key] = figures
+        self.results["models"].setdefault(model, {}).setdefault(key, {}).update(figures)
         for level, f in figures.items():
             errors = f", errors {f['errors']}" if f["error_count"] else ""
             self.say(
@@ -126,21 +128,26 @@ def step_raw(run: Run, repo: Path, names: list[str]) -> None:
 
 
 def step_served(run: Run, batched: Path, unbatched: Path) -> dict[str, Any]:
-    """(b), then (d) and (c); returns each model's workload, for the peers."""
+    """(b), (d) and (c) in turn at each level; returns each model's workload, for the peers."""
     loads = {}
-    with servers.cnnserve(batched, run.models, BENCH / "logs" / "batched.log") as s:
+    logs = BENCH / "logs"
+    with (
+        servers.cnnserve(batched, run.models, logs / "batched.log") as b,
+        servers.cnnserve(unbatched, run.models, logs / "unbatched.log") as c,
+    ):
         for name in run.models:
-            loads[name] = drive.workload(s.url, name)
-            run.served("cnnserve", s.url, name, loads[name], run.plan.concurrency)
+            loads[name] = drive.workload(b.url, name)
             answer = BENCH / "echo" / f"{name}.response"
             answer.parent.mkdir(parents=True, exist_ok=True)
-            answer.write_bytes(drive.response(s.url, loads[name]))
-    for name in run.models:
-        with servers.echo(BENCH / "echo" / f"{name}.response", BENCH / "logs" / "echo.log") as s:
-            run.served("echo", s.url, name, loads[name], run.plan.concurrency, statistics=False)
-    with servers.cnnserve(unbatched, run.models, BENCH / "logs" / "unbatched.log") as s:
-        for name in run.models:
-            run.served("unbatched", s.url, name, loads[name], run.plan.unbatched[name])
+            answer.write_bytes(drive.response(b.url, loads[name]))
+            levels = sorted({*run.plan.concurrency, *run.plan.unbatched[name]})
+            with servers.echo(answer, logs / "echo.log") as d:
+                for level in levels:
+                    if level in run.plan.concurrency:
+                        run.served("cnnserve", b.url, name, loads[name], (level,))
+                        run.served("echo", d.url, name, loads[name], (level,), statistics=False)
+                    if level in run.plan.unbatched[name]:
+                        run.served("unbatched", c.url, name, loads[name], (level,))
     return loads
 
 
