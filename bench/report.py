@@ -228,7 +228,21 @@ def _machine(results: Figures) -> list[str]:
         "besides the bench's own processes (per level in the tables: `other load`); a figure "
         "measured while other processes took cores understates the server; the run waited "
         f"{busy.get('waited_for_quiet_s', 0)} s in all for quieter moments |",
+        *_rounds(results.get("plan", {})),
         "",
+    ]
+
+
+def _rounds(plan: Figures) -> list[str]:
+    repeated = {m: levels for m, levels in plan.get("repeated", {}).items() if levels}
+    if plan.get("rounds", 1) < 2 or not repeated:
+        return []
+    which = ", ".join(f"{m} c{'/c'.join(str(n) for n in levels)}" for m, levels in repeated.items())
+    return [
+        f"| rounds | (b), (d) and (c) were up together and measured in turn at each level. "
+        f"The levels the targets read ({which}) and (a) at the best batch were measured in "
+        f"{plan['rounds']} such rounds; each shows its median round (`rounds` in "
+        "bench/results.json lists every round's rate) |"
     ]
 
 
@@ -283,7 +297,10 @@ METHOD = """## How it was measured
 - Server split: ModelStatistics differences over the counted windows, in microseconds per
   request (queue / compute input / compute infer / compute output) and the mean batch size.
 - Raw onnxruntime runs through the server's own `Runner`, with the options the server derives
-  from each model's config; nothing else runs meanwhile.
+  from each model's config, just before that model's served levels; the servers sit idle
+  meanwhile.
+- cnnserve batched (b), the echo floor (d) and cnnserve unbatched (c) are up at once and
+  measured in turn at each level, so that the machine's speed drifting moves them alike.
 - Models have random weights (speed does not depend on them). Absolute numbers depend on the
   machine; the ratios are what the targets are about.
 """
