@@ -59,10 +59,12 @@ M = TypeVar("M", bound=Measured)
 
 
 class Observe(Generic[M]):
-    """`with Observe(version, ...) as (version, seen):` holds a lease on the version for the block,
-    times it, and records it as a success (after `seen.succeeded`) or as the error it
-    raised. A plain class: it runs on every request, where a generator-based context
-    manager costs more."""
+    """One request's scope on a version: `with Observe(version, ...) as (version, seen):`.
+
+    It holds a lease on the version for the block, times the block, and records it as a
+    success (after `seen.succeeded`) or as the error it raised. A plain class, since it
+    runs on every request, where a generator-based context manager costs more.
+    """
 
     __slots__ = ("_version", "_request_id", "_log_rate", "_started", "_seen")
 
