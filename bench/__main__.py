@@ -92,19 +92,9 @@ class Run:
         minutes, seconds = divmod(int(time.monotonic() - self.started), 60)
         print(f"[{minutes:2d}:{seconds:02d}] {text}", flush=True)
 
-    def served(
-        self,
-        key: str,
-        url: str,
-        model: str,
-        load: Any,
-        levels: tuple[int, ...],
-        statistics: bool = True,
-    ) -> dict[str, Any]:
-        """Measure `levels` and record them under `key`; also returns them."""
-        figures = self.measure(key, url, model, load, levels, statistics)
+    def record(self, key: str, model: str, figures: dict[str, Any]) -> None:
+        """Keep a model's figures by level under `key` ("cnnserve", "echo", ...)."""
         self.results["models"].setdefault(model, {}).setdefault(key, {}).update(figures)
-        return figures
 
     def measure(
         self,
@@ -115,6 +105,7 @@ class Run:
         levels: tuple[int, ...],
         statistics: bool = True,
     ) -> dict[str, Any]:
+        """Figures by level (a string key) of one server; each level is logged."""
         figures = drive.levels(
             url,
             model,
@@ -214,7 +205,9 @@ def step_int8(run: Run, batched: Path, int8: list[str]) -> None:
     try:
         with servers.cnnserve(batched, int8, BENCH / "logs" / "int8.log") as s:
             for name in int8:
-                run.served("cnnserve", s.url, name, drive.workload(s.url, name), run.plan.int8)
+                load = drive.workload(s.url, name)
+                figures = run.measure("cnnserve", s.url, name, load, run.plan.int8)
+                run.record("cnnserve", name, figures)
     except servers.StartError as exc:
         run.results["int8"] = dict.fromkeys(int8, f"did not load: {exc}")
         run.say(f"int8 variants did not load: {exc}")
@@ -239,9 +232,9 @@ def step_mlserver(run: Run, batched: Path, loads: dict[str, Any]) -> None:
             executable, folder, ports["grpc"], run.models, BENCH / "logs" / "mlserver.log"
         ) as s:
             for name in run.models:
-                run.served(
-                    "mlserver", s.url, name, loads[name], run.plan.mlserver, statistics=False
-                )
+                levels, load = run.plan.mlserver, loads[name]
+                figures = run.measure("mlserver", s.url, name, load, levels, statistics=False)
+                run.record("mlserver", name, figures)
         section["status"] = f"MLServer {peer.VERSION} measured ({note})."
     except servers.StartError as exc:
         section["status"] = f"MLServer {peer.VERSION} did not start: {exc}"
