@@ -25,6 +25,8 @@ from cnnserve.server.repository import read_model
 from cnnserve.server.runner import Runner
 from cnnserve.v1 import model_config_pb2 as mc
 
+BEST_LONGER = 3  # how much longer the best batch is measured than each sweep step
+
 
 @dataclass
 class BatchFigure:
@@ -76,36 +78,33 @@ def _figure(runner: Runner, feeds: dict[str, np.ndarray], outputs: list[str], ba
     return BatchFigure(batch, runs, round(rate, 2), round(float(np.median(times)) / 1e6, 3))
 
 
+def _inputs(runner: Runner, sizes: list[int]) -> tuple[dict[int, dict[str, np.ndarray]], list[str]]:
+    """Seeded random feeds for each batch size, and the output names."""
+    spec = runner.inputs[0]
+    rng = np.random.default_rng(0)
+    feeds = {b: {spec.name: rng.random((b, *spec.shape[1:]), dtype=np.float32)} for b in sizes}
+    return feeds, [o.name for o in runner.outputs]
+
+
 def again(model_dir: Path, batch: int, seconds: float) -> dict[str, Any]:
     """One batch size measured again, as `measure` measures its best batch."""
     with server_runner(model_dir) as runner:
-        spec = runner.inputs[0]
-        feeds = {
-            spec.name: np.random.default_rng(0).random((batch, *spec.shape[1:]), dtype=np.float32)
-        }
-        outputs = [o.name for o in runner.outputs]
-        return asdict(_figure(runner, feeds, outputs, batch, 3 * seconds))
+        feeds, outputs = _inputs(runner, [batch])
+        return asdict(_figure(runner, feeds[batch], outputs, batch, BEST_LONGER * seconds))
 
 
 def measure(model_dir: Path, seconds: float) -> dict[str, Any]:
     """Inferences/s and p50 at each batch size up to max_batch_size; the best batch.
 
-    The best batch of the sweep is measured again, three times as long: the
+    The best batch of the sweep is measured again, BEST_LONGER times as long: the
     largest of several noisy figures overstates, and every ratio divides by it.
     """
     config = read_config(model_dir)
     with server_runner(model_dir) as runner:
-        spec = runner.inputs[0]
-        dims = list(spec.shape[1:])
-        outputs = [o.name for o in runner.outputs]
-        rng = np.random.default_rng(0)
-        feeds = {
-            b: {spec.name: rng.random((b, *dims), dtype=np.float32)}
-            for b in batch_sizes(config.max_batch_size)
-        }
+        feeds, outputs = _inputs(runner, batch_sizes(config.max_batch_size))
         figures = [_figure(runner, f, outputs, b, seconds) for b, f in feeds.items()]
         chosen = max(figures, key=lambda f: f.inferences_per_s).batch
-        best = _figure(runner, feeds[chosen], outputs, chosen, 3 * seconds)
+        best = _figure(runner, feeds[chosen], outputs, chosen, BEST_LONGER * seconds)
     return {
         "provider": runner.provider,
         "inline": runner.inline,
