@@ -31,6 +31,7 @@ async def serve(response: bytes, port: int) -> None:
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),
             ("grpc.max_concurrent_streams", 1024),
+            ("grpc.so_reuseport", 0),
         ]
     )
     handler = grpc.method_handlers_generic_handler(

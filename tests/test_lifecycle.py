@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -213,9 +215,6 @@ def test_requests_during_startup_are_unavailable_not_unknown(tmp_path: Path) -> 
 def test_after_sigkill_a_restarted_server_is_ready_and_client_retries_succeed(
     tmp_path: Path,
 ) -> None:
-    import socket
-    import subprocess
-
     from cnnserve.client import Client
 
     write_tiny(tmp_path / "repo")
@@ -268,3 +267,60 @@ def test_files_deleted_or_replaced_while_serving_lose_no_request(poll_repo: Path
             wait_for(lambda: load.outcomes["ok"] > count + 20)
             assert registry.get("tiny") is serving
     assert load.errors == []
+
+
+def _serve(repository: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`cnnserve serve` expected to give up at start: its exit status and output."""
+    command = [sys.executable, "-m", "cnnserve", "serve", "--repository", str(repository),
+               "--host", "127.0.0.1", "--metrics-port", "-1", *args]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+def _answers(url: str) -> bool:
+    with tc.InferenceServerClient(url) as client:
+        inp = tc.InferInput("x", [1, 4], "FP32")
+        inp.set_data_from_numpy(np.ones((1, 4), np.float32))
+        y = client.infer("tiny", [inp], client_timeout=30).as_numpy("y")
+        return bool(np.allclose(y, np.ones((1, 4)) @ TINY_WEIGHTS, rtol=1e-5))
+
+
+def test_a_second_server_on_a_taken_port_exits_1_and_the_first_keeps_every_connection(
+    tmp_path: Path,
+) -> None:
+    write_tiny(tmp_path / "repo")
+    with server_process(tmp_path / "repo", tmp_path / "first.log") as first:
+        second = _serve(tmp_path / "repo", "--grpc-port", str(first.port))
+        assert second.returncode == 1, second.stderr
+        assert f"cannot listen for gRPC on 127.0.0.1:{first.port}" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert all(_answers(first.url) for _ in range(3))
+        first.process.send_signal(signal.SIGTERM)
+        assert first.process.wait(30) == 0
+
+
+def test_a_taken_metrics_port_exits_1_with_one_line(tmp_path: Path) -> None:
+    write_tiny(tmp_path / "repo")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _serve(tmp_path / "repo", "--grpc-port", "0", "--metrics-port", str(port))
+    assert result.returncode == 1, result.stderr
+    assert f"cannot serve metrics on 127.0.0.1:{port}: Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_servers_with_reuse_grpc_port_share_it_and_one_stopping_leaves_the_other(
+    tmp_path: Path,
+) -> None:
+    write_tiny(tmp_path / "repo")
+    reuse = ("--reuse-grpc-port", "true")
+    with server_process(tmp_path / "repo", tmp_path / "first.log", *reuse) as first:
+        shared = ("--grpc-port", str(first.port))
+        with server_process(tmp_path / "repo", tmp_path / "second.log", *reuse, *shared) as second:
+            assert second.port == first.port
+            assert _answers(first.url)
+            first.process.send_signal(signal.SIGTERM)
+            assert first.process.wait(30) == 0
+            assert all(_answers(second.url) for _ in range(3))  # new connections: the second
+            assert second.process.poll() is None

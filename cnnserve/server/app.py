@@ -51,6 +51,10 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
     return pool
 
 
+class StartupError(Exception):
+    """A port the server cannot listen on: reported in one line, and the process exits 1."""
+
+
 class Server:
     """The cnnserve process: gRPC services, model registry, metrics endpoint."""
 
@@ -102,15 +106,25 @@ class Server:
             ("grpc.max_connection_age_ms", 5 * 60_000),
             ("grpc.max_connection_age_grace_ms", int(self.settings.grace_period_secs * 1000)),
             ("grpc.max_concurrent_streams", 1024),
+            # Off by default, so that a second server on a taken port fails to start
+            # rather than silently taking a share of the connections.
+            ("grpc.so_reuseport", int(self.settings.reuse_grpc_port == "true")),
         ]
 
     def _bind(self, server: grpc.aio.Server) -> int:
         s = self.settings
         address = f"{s.host}:{s.grpc_port}"
-        if s.tls_cert is None or s.tls_key is None:
-            return server.add_insecure_port(address)
-        credentials = server_credentials(s.tls_cert, s.tls_key, s.tls_client_ca)
-        return server.add_secure_port(address, credentials)
+        try:
+            if s.tls_cert is None or s.tls_key is None:
+                return server.add_insecure_port(address)
+            credentials = server_credentials(s.tls_cert, s.tls_key, s.tls_client_ca)
+            return server.add_secure_port(address, credentials)
+        except RuntimeError as exc:  # grpc says only that binding failed
+            raise StartupError(
+                f"cannot listen for gRPC on {address}: the port is taken or the address is "
+                "not this machine's (servers share a port only if each has "
+                "--reuse-grpc-port true)"
+            ) from exc
 
     async def start(self) -> None:
         """Open the ports, load the models, then report SERVING."""
@@ -127,6 +141,7 @@ class Server:
             )
             interceptors.append(auth)
         server = grpc.aio.server(interceptors=interceptors, options=self._grpc_options())
+        self._grpc = server
         services = counter.registrar(server)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.inference, services)
         classification_pb2_grpc.add_ImageClassifierServicer_to_server(self.classifier, services)
@@ -145,7 +160,6 @@ class Server:
         await self.health.set("", NOT_SERVING)
         self.registry.starting = True
         await server.start()
-        self._grpc = server
         if s.metrics_port >= 0:
             self._serve_metrics()
         await self._load_initial()
@@ -159,13 +173,18 @@ class Server:
         """Prometheus text on its own port, over HTTPS with the gRPC certificate if asked."""
         s = self.settings
         tls = s.metrics_tls == "true" and s.tls_cert is not None
-        httpd, _ = start_http_server(
-            s.metrics_port,
-            s.host,
-            registry=self.metrics.registry,
-            certfile=str(s.tls_cert) if tls else None,
-            keyfile=str(s.tls_key) if tls else None,
-        )
+        try:
+            httpd, _ = start_http_server(
+                s.metrics_port,
+                s.host,
+                registry=self.metrics.registry,
+                certfile=str(s.tls_cert) if tls else None,
+                keyfile=str(s.tls_key) if tls else None,
+            )
+        except OSError as exc:
+            raise StartupError(
+                f"cannot serve metrics on {s.host}:{s.metrics_port}: {exc.strerror or exc}"
+            ) from exc
         self._http = httpd
         self.metrics_port = httpd.server_port
 
@@ -211,7 +230,12 @@ async def serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await server.start()
+    try:
+        await server.start()
+    except StartupError as exc:
+        log.error("%s", exc)
+        await server.stop(grace=0)
+        return 1
     for e in server.registry.index():
         log.info("model %s version %s: %s %s", e.name, e.version or "-", e.state, e.reason)
     for state in server.registry.states():

@@ -29,6 +29,13 @@ class Settings:
     metrics_port: int = field(
         default=8002, metadata={"help": "Prometheus /metrics port (-1: disabled, 0: any)"}
     )
+    reuse_grpc_port: str = field(
+        default="false",
+        metadata={
+            "help": "let several servers listen on one gRPC port (SO_REUSEPORT): true | false",
+            "choices": ("true", "false"),
+        },
+    )
     model_control_mode: str = field(
         default="none", metadata={"help": "none | poll | explicit", "choices": CONTROL_MODES}
     )
