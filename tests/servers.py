@@ -82,11 +82,16 @@ class Child:
         return self.log_path.read_text()
 
 
+def serve_command(repository: Path, *args: str) -> list[str]:
+    """`cnnserve serve` on 127.0.0.1 with metrics off; later flags win over earlier ones."""
+    return [sys.executable, "-m", "cnnserve", "serve", "--repository", str(repository),
+            "--host", "127.0.0.1", "--metrics-port", "-1", *args]  # fmt: skip
+
+
 @contextmanager
 def server_process(repository: Path, log_path: Path, *args: str) -> Iterator[Child]:
     """`cnnserve serve` as a child process; yields once it logs its gRPC port."""
-    cmd = [sys.executable, "-m", "cnnserve", "serve", "--repository", str(repository),
-           "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "-1", *args]  # fmt: skip
+    cmd = serve_command(repository, "--grpc-port", "0", *args)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log_path.open("w") as log_file:
         process = subprocess.Popen(

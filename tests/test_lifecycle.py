@@ -6,7 +6,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -19,7 +18,7 @@ import tritonclient.grpc as tc
 
 from cnnserve.v1 import grpc_service_pb2_grpc as rpc
 from cnnserve.v1 import inference_pb2 as pb
-from tests.servers import server_in_thread, server_process
+from tests.servers import serve_command, server_in_thread, server_process
 from tests.tiny import TINY_CONFIG, TINY_WEIGHTS, write_slow, write_tiny
 
 
@@ -229,8 +228,7 @@ def test_after_sigkill_a_restarted_server_is_ready_and_client_retries_succeed(
         first.process.kill()
         assert first.process.wait(10) == -signal.SIGKILL
     second: list[subprocess.Popen[bytes]] = []
-    command = [sys.executable, "-m", "cnnserve", "serve", "--repository", str(tmp_path / "repo"),
-               "--host", "127.0.0.1", *fixed, "--metrics-port", "-1"]  # fmt: skip
+    command = serve_command(tmp_path / "repo", *fixed)
     restart = threading.Timer(0.5, lambda: second.append(subprocess.Popen(command)))
     restart.start()
     try:
@@ -271,9 +269,9 @@ def test_files_deleted_or_replaced_while_serving_lose_no_request(poll_repo: Path
 
 def _serve(repository: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """`cnnserve serve` expected to give up at start: its exit status and output."""
-    command = [sys.executable, "-m", "cnnserve", "serve", "--repository", str(repository),
-               "--host", "127.0.0.1", "--metrics-port", "-1", *args]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        serve_command(repository, *args), capture_output=True, text=True, timeout=60
+    )
 
 
 def _answers(url: str) -> bool:
