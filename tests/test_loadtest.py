@@ -216,3 +216,16 @@ def test_bench_checks_targets_without_figures() -> None:
     found = targets({})
     assert len(found) == 8
     assert all(t["met"] is None for t in found)
+
+
+def test_bench_targets_give_each_rounds_ratio_beside_the_medians() -> None:
+    from bench.report import targets
+
+    served = {"inferences_per_s": 110.0, "requests_per_s": 110.0, "rounds": [110.0, 99.0]}
+    raw = {"batch": 16, "inferences_per_s": 120.0, "rounds": [120.0, 100.0]}
+    found = targets({"resnet18": {"cnnserve": {"16": served}, "raw": {"best": raw}}})
+    assert found[0]["value"] == round(110 / 120, 3)
+    assert found[0]["met"] is True
+    assert found[0]["detail"].endswith("; per round 0.917, 0.990")
+    unpaired = {"resnet18": {"cnnserve": {"16": served}, "raw": {"best": {**raw, "rounds": [1]}}}}
+    assert "per round" not in targets(unpaired)[0]["detail"]
