@@ -173,29 +173,39 @@ class Batcher:
             if self._probe:
                 return most
             window = min(_PROBE_NS, self._opts.max_queue_delay_ns)
-        start = time.monotonic_ns()
+        clock = time.monotonic_ns
+        start = clock()
         end = min(start + window, self._queue[0].enqueued_ns + self._opts.max_queue_delay_ns)
         last_arrival = arrivals = 0
         limit = 0
-        while not limit and (now := time.monotonic_ns()) < end:
+        rows = self._queued_rows
+        while (now := clock()) < end and not self._closing:
             if arrivals and now - start - last_arrival > 2 * last_arrival // arrivals:
                 break  # the arrivals have paused: twice their mean gap has passed
-            rows = self._queued_rows
             await asyncio.sleep(0)
+            if self._queued_rows == rows:
+                continue  # nothing arrived this turn (a cancelled request waits for _take)
             self._drop_dead()
             if not self._queue:
                 return 0
             if self._queued_rows > rows:
-                last_arrival = time.monotonic_ns() - start
+                last_arrival = clock() - start
                 arrivals += 1
+            rows = self._queued_rows
             limit = self._limit()
+            if limit:
+                break
+        self._resize(window, last_arrival, full=bool(limit))
+        return limit or most
+
+    def _resize(self, window: int, last_arrival: int, *, full: bool) -> None:
+        """The next window, from how the last one went (see `_join`)."""
         if not last_arrival:
             self._window_ns = window // 2 if window // 2 >= _PROBE_NS else 0
-        elif limit or last_arrival * 2 > window:
+        elif full or last_arrival * 2 > window:
             self._window_ns = min(window * 2, self._opts.max_queue_delay_ns)
         else:
             self._window_ns = max(last_arrival * 2, _PROBE_NS)
-        return limit or most
 
     def _drop_dead(self) -> None:
         """Forget cancelled requests and fail expired ones, from the head of the queue."""
