@@ -184,7 +184,7 @@ class Batcher:
                 break  # the arrivals have paused: twice their mean gap has passed
             await asyncio.sleep(0)
             if self._queued_rows == rows:
-                continue  # nothing arrived this turn (a cancelled request waits for _take)
+                continue  # nothing arrived; a cancelled or expired request waits for _take
             self._drop_dead()
             if not self._queue:
                 return 0
