@@ -109,8 +109,13 @@ def commit(staged: Path, model_dir: Path, version: int) -> Path:
 
 
 def preferred_batch_sizes(max_batch_size: int) -> list[int]:
-    """Powers of two from 8 up to the maximum, and the maximum itself."""
-    sizes = [s for s in (8, 16, 32, 64, 128, 256, 512, 1024) if s < max_batch_size]
+    """Powers of two from 16 up to the maximum, and the maximum itself.
+
+    A preferred size ends the batch window at once. Measured on lenet5 (2 cores, batches
+    inline) in paired rounds against sizes from 8: at c64, batches of 9.1 rows rather than
+    6.3 and +6% requests/s on average (-4% to +16% by round); at c16, +1% (-3% to +6%).
+    """
+    sizes = [s for s in (16, 32, 64, 128, 256, 512, 1024) if s < max_batch_size]
     return [*sizes, max_batch_size]
 
 
