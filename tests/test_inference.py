@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import queue
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -149,15 +150,21 @@ def test_concurrent_requests_get_their_own_rows_in_fewer_executions(
     rng = np.random.default_rng(1)
     batches = [rng.standard_normal((1 + i % 4, 4)).astype(np.float32) for i in range(64)]
 
-    def one(x: np.ndarray) -> np.ndarray:
-        c = tc.InferenceServerClient(server.url)
-        try:
-            return c.infer("tiny", [infer_input(x)]).as_numpy("y")
-        finally:
-            c.close()
+    clients = [tc.InferenceServerClient(server.url) for _ in batches]
+    for c in clients:  # connected before the requests go, so that they arrive together
+        assert c.is_server_live()
+    start = threading.Barrier(len(batches))
 
-    with concurrent.futures.ThreadPoolExecutor(64) as pool:
-        results = list(pool.map(one, batches))
+    def one(c: tc.InferenceServerClient, x: np.ndarray) -> np.ndarray:
+        start.wait(timeout=30)
+        return c.infer("tiny", [infer_input(x)]).as_numpy("y")
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(len(batches)) as pool:
+            results = list(pool.map(one, clients, batches))
+    finally:
+        for c in clients:
+            c.close()
     for x, y in zip(batches, results, strict=True):
         np.testing.assert_allclose(y, x @ TINY_WEIGHTS, rtol=1e-5, atol=1e-6)
     after = client.get_inference_statistics("tiny", as_json=True)["model_stats"][0]
