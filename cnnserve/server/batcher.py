@@ -107,7 +107,7 @@ class Batcher:
         now = time.monotonic_ns()
         if deadline_ns is not None and now >= deadline_ns:
             raise DeadlineExceeded("the deadline passed before the request was queued")
-        key = tuple([(name, a.shape[1:], a.dtype.str) for name, a in inputs.items()])
+        key = tuple([(name, a.shape[1:], a.dtype) for name, a in inputs.items()])
         job = _Job(inputs, rows, deadline_ns, asyncio.get_running_loop().create_future(), now, key)
         self._queue.append(job)
         self._queued_rows += rows

@@ -1,6 +1,6 @@
 """Open Inference Protocol messages ↔ numpy arrays, with validation.
 
-Inputs are taken zero-copy from `raw_input_contents` (np.frombuffer); typed
+Inputs are taken zero-copy from `raw_input_contents` (read-only views); typed
 `contents` are accepted too, but never both in one request. Sizes are checked
 against the declared shape before anything is allocated. Outputs are always
 answered raw, since tritonclient reads only `raw_output_contents`.
@@ -11,13 +11,12 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from cnnserve.server.errors import InvalidInput
 from cnnserve.server.stats import Duration, VersionStats
-from cnnserve.server.tensors import TensorSpec, element_size, from_numpy, numpy_dtype
+from cnnserve.server.tensors import TensorSpec, from_numpy, numpy_dtype
 from cnnserve.v1 import inference_pb2 as pb
 
 # datatype -> the InferTensorContents field that carries it in typed form
@@ -38,12 +37,22 @@ _TYPED_FIELD = {
 MAX_ELEMENTS = 1 << 31
 
 
-@dataclass(frozen=True)
 class DecodedRequest:
-    inputs: dict[str, np.ndarray]
-    rows: int  # batch size; 1 for a model without a batch dimension
-    outputs: list[tuple[str, int]]  # (output name, classification count or 0)
-    timeout_us: int | None
+    """A request's arrays and what it asked for. A plain class: one is made per request."""
+
+    __slots__ = ("inputs", "rows", "outputs", "timeout_us")
+
+    def __init__(
+        self,
+        inputs: dict[str, np.ndarray],
+        rows: int,
+        outputs: Sequence[tuple[str, int]],
+        timeout_us: int | None,
+    ) -> None:
+        self.inputs = inputs
+        self.rows = rows  # batch size; 1 for a model without a batch dimension
+        self.outputs = outputs  # (output name, classification count or 0)
+        self.timeout_us = timeout_us
 
 
 def _param_int(param: pb.InferParameter, name: str, kinds: Sequence[str]) -> int:
@@ -72,17 +81,17 @@ def _check_shape(
     return shape
 
 
-def _from_raw(raw: bytes, spec: TensorSpec, shape: tuple[int, ...]) -> np.ndarray:
+def _from_raw(raw: bytes, spec: TensorSpec, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     count = math.prod(shape)
     if spec.datatype == "BYTES":
         return _strings(_split_bytes(raw, count, spec.name), shape, spec.name)
-    want = count * element_size(spec.datatype)
+    want = count * dtype.itemsize
     if len(raw) != want:
         raise InvalidInput(
             f"input {spec.name!r}: {len(raw)} bytes of raw data, expected {want} for shape "
             f"{list(shape)} of {spec.datatype}"
         )
-    return np.frombuffer(raw, dtype=numpy_dtype(spec.datatype)).reshape(shape)
+    return np.ndarray(shape, dtype, raw)  # a read-only view of the request's bytes
 
 
 def _split_bytes(raw: bytes, count: int, name: str) -> list[bytes]:
@@ -132,10 +141,7 @@ def _from_typed(
         raise InvalidInput(f"input {spec.name!r}: {exc}") from exc
 
 
-def _outputs(request: pb.ModelInferRequest, specs: Sequence[TensorSpec]) -> list[tuple[str, int]]:
-    known = {s.name: s for s in specs}
-    if not request.outputs:
-        return [(s.name, 0) for s in specs]
+def _outputs(request: pb.ModelInferRequest, known: dict[str, TensorSpec]) -> list[tuple[str, int]]:
     chosen = []
     for out in request.outputs:
         if out.name not in known:
@@ -153,71 +159,78 @@ def _outputs(request: pb.ModelInferRequest, specs: Sequence[TensorSpec]) -> list
     return chosen
 
 
-def _decode_inputs(
-    request: pb.ModelInferRequest, inputs: Sequence[TensorSpec]
-) -> dict[str, np.ndarray]:
-    specs = {s.name: s for s in inputs}
-    raw = request.raw_input_contents
-    tensors = request.inputs
-    if raw:
-        if len(raw) != len(tensors):
-            raise InvalidInput(f"{len(raw)} raw_input_contents for {len(tensors)} inputs")
-        for tensor in tensors:
-            if tensor.HasField("contents"):
+class RequestDecoder:
+    """Checks ModelInferRequests against one model version's inputs and outputs, and
+    decodes them. Made once per version, so that a request pays only for its own checks."""
+
+    def __init__(
+        self, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], max_batch_size: int
+    ) -> None:
+        self._inputs = {s.name: s for s in inputs}
+        self._dtypes = {s.name: numpy_dtype(s.datatype) for s in inputs}
+        self._outputs = {s.name: s for s in outputs}
+        self._every_output = tuple((s.name, 0) for s in outputs)
+        self._max_batch_size = max_batch_size
+
+    def decode(self, request: pb.ModelInferRequest) -> DecodedRequest:
+        """Validate a ModelInferRequest against the model and return its arrays."""
+        arrays = self._arrays(request)
+        rows = self._rows(arrays)
+        timeout_us = None
+        parameters = request.parameters
+        if parameters:
+            if "timeout" in parameters:
+                timeout_us = _param_int(
+                    parameters["timeout"], "timeout", ["int64_param", "uint64_param"]
+                )
+            if "priority" in parameters:
+                _param_int(parameters["priority"], "priority", ["uint64_param", "int64_param"])
+        outputs = _outputs(request, self._outputs) if request.outputs else self._every_output
+        return DecodedRequest(arrays, rows, outputs, timeout_us)
+
+    def _arrays(self, request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
+        raw = request.raw_input_contents
+        tensors = request.inputs
+        count = len(tensors)
+        if raw and len(raw) != count:
+            raise InvalidInput(f"{len(raw)} raw_input_contents for {count} inputs")
+        arrays: dict[str, np.ndarray] = {}
+        for i in range(count):
+            tensor = tensors[i]
+            if raw and tensor.HasField("contents"):
                 raise InvalidInput(
                     "a request carries either raw_input_contents or typed contents, not both"
                 )
-    arrays: dict[str, np.ndarray] = {}
-    for i, tensor in enumerate(tensors):
-        name = tensor.name
-        spec = specs.get(name)
-        if spec is None:
-            raise InvalidInput(f"unknown input {name!r}; the model has {sorted(specs)}")
-        if name in arrays:
-            raise InvalidInput(f"input {name!r} given twice")
-        if tensor.datatype != spec.datatype:
-            raise InvalidInput(
-                f"input {name!r}: datatype {tensor.datatype!r}, expected {spec.datatype}"
+            name = tensor.name
+            spec = self._inputs.get(name)
+            if spec is None:
+                raise InvalidInput(f"unknown input {name!r}; the model has {sorted(self._inputs)}")
+            if name in arrays:
+                raise InvalidInput(f"input {name!r} given twice")
+            if tensor.datatype != spec.datatype:
+                raise InvalidInput(
+                    f"input {name!r}: datatype {tensor.datatype!r}, expected {spec.datatype}"
+                )
+            shape = _check_shape(tensor, spec)
+            arrays[name] = (
+                _from_raw(raw[i], spec, shape, self._dtypes[name])
+                if raw
+                else _from_typed(tensor.contents, spec, shape)
             )
-        shape = _check_shape(tensor, spec)
-        arrays[name] = (
-            _from_raw(raw[i], spec, shape) if raw else _from_typed(tensor.contents, spec, shape)
-        )
-    missing = sorted(set(specs) - set(arrays))
-    if missing:
-        raise InvalidInput(f"missing inputs {missing}")
-    return arrays
+        if len(arrays) != len(self._inputs):
+            raise InvalidInput(f"missing inputs {sorted(set(self._inputs) - set(arrays))}")
+        return arrays
 
-
-def _batch_rows(arrays: dict[str, np.ndarray], max_batch_size: int) -> int:
-    if max_batch_size == 0:
-        return 1
-    sizes = {a.shape[0] for a in arrays.values()}
-    if len(sizes) != 1:
-        raise InvalidInput(f"inputs disagree on the batch size: {sorted(sizes)}")
-    rows = int(sizes.pop())
-    if rows < 1 or rows > max_batch_size:
-        raise InvalidInput(f"batch size {rows} is outside 1..{max_batch_size}")
-    return rows
-
-
-def decode_request(
-    request: pb.ModelInferRequest,
-    inputs: Sequence[TensorSpec],
-    outputs: Sequence[TensorSpec],
-    max_batch_size: int,
-) -> DecodedRequest:
-    """Validate a ModelInferRequest against the model and return its arrays."""
-    arrays = _decode_inputs(request, inputs)
-    rows = _batch_rows(arrays, max_batch_size)
-    timeout_us = None
-    if "timeout" in request.parameters:
-        timeout_us = _param_int(
-            request.parameters["timeout"], "timeout", ["int64_param", "uint64_param"]
-        )
-    if "priority" in request.parameters:
-        _param_int(request.parameters["priority"], "priority", ["uint64_param", "int64_param"])
-    return DecodedRequest(arrays, rows, _outputs(request, outputs), timeout_us)
+    def _rows(self, arrays: dict[str, np.ndarray]) -> int:
+        if self._max_batch_size == 0:
+            return 1
+        sizes = {a.shape[0] for a in arrays.values()}
+        if len(sizes) != 1:
+            raise InvalidInput(f"inputs disagree on the batch size: {sorted(sizes)}")
+        rows = int(sizes.pop())
+        if rows < 1 or rows > self._max_batch_size:
+            raise InvalidInput(f"batch size {rows} is outside 1..{self._max_batch_size}")
+        return rows
 
 
 def _bytes_tensor(items: Sequence[bytes]) -> bytes:
@@ -265,7 +278,7 @@ def encode_response(
             items = [v.encode() if isinstance(v, str) else bytes(v) for v in array.flat]
             response.raw_output_contents.append(_bytes_tensor(items))
         else:
-            response.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
+            response.raw_output_contents.append(array.tobytes())  # C order, whatever the layout
 
 
 def _duration(target: pb.StatisticDuration, source: Duration) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from cnnserve.server.batcher import Batcher, BatchingOptions, JobResult
+from cnnserve.server.converters import RequestDecoder
 from cnnserve.server.errors import ModelLoadError
 from cnnserve.server.metrics import Metrics, VersionSeries, VersionState
 from cnnserve.server.repository import ModelSource
@@ -184,6 +185,7 @@ class ModelVersion:
         self.output_names = [o.name for o in self.outputs]
         self._reshapes_inputs = any(i.shape != i.model_shape for i in self.inputs)
         self._reshapes_outputs = any(o.shape != o.model_shape for o in self.outputs)
+        self.decoder = RequestDecoder(self.inputs, self.outputs, self.config.max_batch_size)
 
     def _warm_up(self) -> None:
         """Run each session before it serves, so no request pays for lazy initialisation.

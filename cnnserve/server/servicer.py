@@ -184,9 +184,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             request_id=request.id,
             log_rate=self.request_log_rate,
         ) as (model, seen):
-            decoded = converters.decode_request(
-                request, model.inputs, model.outputs, model.config.max_batch_size
-            )
+            decoded = model.decoder.decode(request)
             result = await model.infer(
                 decoded.inputs,
                 decoded.rows,
