@@ -11,9 +11,11 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from cnnserve.server.metrics import DURATION_BUCKETS, LoopHistogram
 from tests.servers import Running, server_in_thread
 from tests.tiny import write_tiny
 
@@ -59,6 +61,28 @@ def traffic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
             client.infer("nope", [tc.InferInput("x", [1, 4], "FP32")])
         client.close()
         yield server
+
+
+def test_loop_histogram_exposes_what_prometheus_clients_histogram_does() -> None:
+    """Same buckets (bounds inclusive), count, sum and label handling; only `_created` is
+    left out."""
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    loop = LoopHistogram("h_seconds", "doc", ["model"], buckets=DURATION_BUCKETS, registry=ours)
+    reference = Histogram("h_seconds", "doc", ["model"], buckets=DURATION_BUCKETS, registry=theirs)
+    values = [0.0, 1e-9, *DURATION_BUCKETS, 2.6e-4, 0.0123, 29.9, 31.0, 1e6]
+    for model, scale in (("a", 1.0), ("b", 0.5), ("gone", 1.0)):
+        for v in values:
+            loop.labels(model).observe(v * scale)
+            reference.labels(model).observe(v * scale)
+    loop.remove("gone")
+    reference.remove("gone")
+
+    def lines(registry: CollectorRegistry) -> list[str]:
+        text = generate_latest(registry).decode()
+        return [line for line in text.splitlines() if "_created" not in line]
+
+    assert lines(ours) == lines(theirs)
+    assert 'h_seconds_bucket{le="5e-05",model="a"} 3.0' in lines(ours)  # 0, 1e-9 and 5e-05
 
 
 def test_request_counters_equal_what_was_sent(traffic: Running) -> None:

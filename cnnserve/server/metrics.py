@@ -3,13 +3,18 @@
 Histograms and counters are observed as requests pass; the gauges that
 describe state (pending requests, readiness, load time, provider) are read
 from the registry of models at scrape time, so they are exact and a model
-that is unloaded leaves no stale series.
+that is unloaded leaves no stale series. The per-version histograms are
+observed on the event loop thread only, so they are `LoopHistogram`s: an
+observation is a list increment, where prometheus_client's Histogram takes a
+lock for each bucket and the sum.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,10 +24,15 @@ from prometheus_client import (
     PROCESS_COLLECTOR,
     CollectorRegistry,
     Counter,
-    Histogram,
 )
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import (
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 # 50 µs .. 30 s, roughly ×2.5 apart.
 DURATION_BUCKETS = (
@@ -43,6 +53,71 @@ class VersionState:
     pending: int
     load_seconds: float
     provider: str
+
+
+class HistogramSeries:
+    """One label set's buckets and sum; observed from one thread (the event loop)."""
+
+    __slots__ = ("_bounds", "_counts", "_sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        self._counts = [0] * (len(bounds) + 1)  # the last is +Inf
+        self._sum = 0.0
+
+    def observe(self, value: float) -> None:
+        # Prometheus buckets are upper bounds, inclusive: the first bound >= value.
+        self._counts[bisect.bisect_left(self._bounds, value)] += 1
+        self._sum += value
+
+    def snapshot(self) -> tuple[list[int], float]:
+        return list(self._counts), self._sum
+
+
+class LoopHistogram(Collector):
+    """A labelled histogram family for observations made on the event loop thread.
+
+    It exposes what prometheus_client's Histogram does (`_bucket` by `le`, `_count`,
+    `_sum`) except `_created`, and offers the same `labels` and `remove`. The scrape
+    thread reads copies, each of whose buckets is consistent with itself.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        *,
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = tuple(labelnames)
+        self._bounds = tuple(float(b) for b in buckets)
+        self._les = [floatToGoString(b) for b in self._bounds] + ["+Inf"]
+        self._series: dict[tuple[str, ...], HistogramSeries] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> HistogramSeries:
+        found = self._series.get(values)
+        if found is None:
+            found = self._series[values] = HistogramSeries(self._bounds)
+        return found
+
+    def remove(self, *values: str) -> None:
+        del self._series[values]
+
+    def describe(self) -> Iterator[Metric]:
+        yield HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        for values, series in list(self._series.items()):
+            counts, total = series.snapshot()
+            cumulative = itertools.accumulate(counts)
+            family.add_metric(list(values), list(zip(self._les, cumulative, strict=True)), total)
+        yield family
 
 
 class _StateCollector(Collector):
@@ -153,35 +228,35 @@ class Metrics:
             [*VERSION_LABELS, "outcome"],
             registry=r,
         )
-        self.request_duration = Histogram(
+        self.request_duration = LoopHistogram(
             "cnnserve_inference_request_duration_seconds",
             "Time from arrival to answer, for each inference request.",
             VERSION_LABELS,
             buckets=DURATION_BUCKETS,
             registry=r,
         )
-        self.queue_duration = Histogram(
+        self.queue_duration = LoopHistogram(
             "cnnserve_inference_queue_duration_seconds",
             "Time a request waited in the batcher's queue.",
             VERSION_LABELS,
             buckets=DURATION_BUCKETS,
             registry=r,
         )
-        self.compute_duration = Histogram(
+        self.compute_duration = LoopHistogram(
             "cnnserve_inference_compute_duration_seconds",
             "Time of one batch execution: inputs, inference, outputs.",
             VERSION_LABELS,
             buckets=DURATION_BUCKETS,
             registry=r,
         )
-        self.preprocess_duration = Histogram(
+        self.preprocess_duration = LoopHistogram(
             "cnnserve_inference_preprocess_duration_seconds",
             "Time to decode and preprocess one image for Classify.",
             VERSION_LABELS,
             buckets=DURATION_BUCKETS,
             registry=r,
         )
-        self.batch_size = Histogram(
+        self.batch_size = LoopHistogram(
             "cnnserve_inference_batch_size",
             "Rows in each executed batch.",
             VERSION_LABELS,
