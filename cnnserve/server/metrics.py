@@ -79,7 +79,8 @@ class LoopHistogram(Collector):
 
     It exposes what prometheus_client's Histogram does (`_bucket` by `le`, `_count`,
     `_sum`) except `_created`, and offers the same `labels` and `remove`. The scrape
-    thread reads copies, each of whose buckets is consistent with itself.
+    thread reads a copy of each series' counts, so its buckets never decrease from one
+    `le` to the next; the sum is read just after them.
     """
 
     def __init__(
