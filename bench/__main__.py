@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.report_only:
         results = json.loads(args.json.read_text())
-        results["targets"] = report.targets(results["models"])
+        results["targets"] = report.all_targets(results)
         args.output.write_text(report.markdown(results))
         return 0
     run = Run(Plan().quick() if args.quick else Plan(), MODELS, args.quiet_budget)
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         repo, BENCH, run.plan.policy("resnet50"), run.plan.raw_secs["resnet50"]
     )
     run.say(run.results["gpu"]["status"])
-    run.results["targets"] = report.targets(run.results["models"])
+    run.results["targets"] = report.all_targets(run.results)
     run.results["background"] = {
         "other_processes_cores": run.background.cores(),
         "waited_for_quiet_s": round(run.gate.waited_s, 1),

@@ -2,9 +2,10 @@
 
 onnxruntime lists the CUDA provider whenever it was compiled in, so the check
 creates a session on the GPU, reads back the provider in use, and runs it
-once. Then resnet50 (and `resnet50_fp16`, when present) is measured raw on
-CUDA at each batch size, and served by cnnserve from a copy of the
-repository pinned to GPU 0, with batch-1 and batch-8 requests.
+once. Then resnet50 and `resnet50_fp16` (converted from it once, when the
+repository lacks it) are measured raw on CUDA at each batch size, and served
+by cnnserve from a copy of the repository pinned to GPU 0, with batch-1 and
+batch-8 requests.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from bench import drive, raw, servers
-from bench.repository import present, variant
+from bench.repository import convert, present, variant
 from cnnserve.client.loadtest_engine import Policy
 
 MODELS = ("resnet50", "resnet50_fp16")
@@ -58,12 +59,13 @@ def _gpu_name() -> str:
 
 
 def run(repository: Path, bench: Path, policy: Policy, raw_seconds: float) -> dict[str, Any]:
-    names = [m for m in MODELS if present(repository, m)]
-    if not names:
+    if not present(repository, "resnet50"):
         return {"status": "skipped: resnet50 is not in the bench repository"}
-    ok, status = cuda_works(repository / names[0])
+    ok, status = cuda_works(repository / "resnet50")
     if not ok:
         return {"status": status}
+    fp16 = convert(repository, "resnet50", "fp16", bench / "logs" / "export.log")
+    names = [m for m in MODELS if present(repository, m)]
     gpu_repo = variant(repository, bench / "gpu", names, device="gpu")
     models: dict[str, Any] = {name: {} for name in names}
     for name in names:
@@ -75,4 +77,4 @@ def run(repository: Path, bench: Path, policy: Policy, raw_seconds: float) -> di
             load8 = drive.workload(server.url, name, batch=8)
             eight = drive.levels(server.url, name, load8, (16,), policy)
             models[name]["cnnserve"]["16 x batch 8"] = eight["16"]
-    return {"status": f"ran on {_gpu_name()}", "models": models}
+    return {"status": f"ran on {_gpu_name()}", "fp16": fp16, "models": models}

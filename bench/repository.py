@@ -129,6 +129,21 @@ def find_int8(repository: Path, elsewhere: Sequence[Path], log: Path) -> dict[st
     return found
 
 
+def convert(repository: Path, model: str, kind: str, log: Path) -> str:
+    """`<model>_<kind>` (kind "int8" or "fp16") in the repository: there already, or
+    converted once from the fp32 model there (`--weights repository`). Says which, or why
+    it is absent."""
+    name = f"{model}_{kind}"
+    if present(repository, name):
+        return f"in {repository}"
+    how = ["--fp16"] if kind == "fp16" else ["--quantize", kind]
+    where = ["--weights", "repository", "--repository", str(repository), "--version", "1"]
+    error = _export([model, *how, *where], log, timeout=900)
+    if present(repository, name):
+        return f"converted by the bench from {model}"
+    return f"absent: the conversion failed: {error}"
+
+
 def variant(
     source: Path, target: Path, models: Sequence[str], *, device: str, batching: bool = True
 ) -> Path:

@@ -231,3 +231,56 @@ def test_bench_targets_take_the_median_of_the_rounds_ratios() -> None:
     unpaired = {"resnet18": {"cnnserve": {"16": served}, "raw": {"best": {**raw, "rounds": [1]}}}}
     assert targets(unpaired)[0]["value"] == round(100 / 105, 3)
     assert "rounds" not in targets(unpaired)[0]["detail"]
+
+
+def test_bench_gpu_targets_say_not_measured_without_a_gpu() -> None:
+    from bench.report import all_targets, gpu_targets
+
+    skipped = {"status": "skipped: no NVIDIA device on this machine"}
+    found = gpu_targets(skipped)
+    assert [t["need"] for t in found] == [">= 0.85", ">= 0.85"]
+    assert all(t["met"] is None for t in found)
+    assert all(t["detail"] == f"not measured: {skipped['status']}" for t in found)
+    assert len(all_targets({"models": {}, "gpu": skipped})) == 10
+
+
+def test_bench_gpu_targets_read_the_best_served_level_against_raw_cuda() -> None:
+    from bench.report import gpu_targets
+
+    def level(rate: float) -> dict[str, float]:
+        return {"inferences_per_s": rate}
+
+    fp32 = {
+        "raw": {"best": {"batch": 32, "inferences_per_s": 2000.0}},
+        "cnnserve": {"16": level(1500.0), "64": level(1800.0), "16 x batch 8": level(1600.0)},
+    }
+    fp16 = {
+        "raw": {"best": {"batch": 64, "inferences_per_s": 4000.0}},
+        "cnnserve": {"16": level(3000.0), "64": level(3300.0)},
+    }
+    gpu = {"status": "ran on a GPU", "models": {"resnet50": fp32, "resnet50_fp16": fp16}}
+    first, second = gpu_targets(gpu)
+    assert (first["value"], first["met"]) == (0.9, True)
+    assert "served at 64" in first["detail"]
+    assert "raw at batch 32" in first["detail"]
+    assert (second["value"], second["met"]) == (0.825, False)
+    only_fp32 = gpu_targets({"status": "ran on a GPU", "models": {"resnet50": fp32}})
+    assert only_fp32[1]["detail"] == "not measured: resnet50_fp16 was not measured"
+
+
+def test_bench_converts_a_variant_from_the_repository_once(
+    lenet5_repository: Path, tmp_path: Path
+) -> None:
+    """The GPU section's fp16 model is converted by `cnnserve export` from the fp32 one."""
+    import shutil
+
+    from bench.repository import convert, present
+
+    repository = tmp_path / "repository"
+    shutil.copytree(lenet5_repository, repository)
+    log = tmp_path / "export.log"
+    assert convert(repository, "lenet5", "fp16", log) == "converted by the bench from lenet5"
+    assert present(repository, "lenet5_fp16")
+    assert convert(repository, "lenet5", "fp16", log) == f"in {repository}"
+    missing = convert(repository, "resnet18", "fp16", log)
+    assert missing.startswith("absent: the conversion failed:")
