@@ -245,6 +245,12 @@ def test_health_and_reflection_list_both_services(server: Running) -> None:
         serving = health_pb2.HealthCheckResponse.SERVING
         assert check(health_pb2.HealthCheckRequest(service="")).status == serving
         assert check(health_pb2.HealthCheckRequest(service="tiny")).status == serving
+        for service in ("", "tiny"):  # Watch answers the current status first
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service=service), timeout=10
+            )
+            assert next(watch).status == serving
+            watch.cancel()
         services = ProtoReflectionDescriptorDatabase(channel).get_services()
         assert "inference.GRPCInferenceService" in services
         assert "grpc.health.v1.Health" in services

@@ -91,6 +91,11 @@ class CallCounter:
         return counted
 
     def _streaming(self, method: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+        if not inspect.isasyncgenfunction(behaviour):
+            # A streaming handler may also be a coroutine that answers through
+            # `context.write` (grpc's own health Watch does): counted as a unary one.
+            return self._unary(method, behaviour)
+
         async def counted(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             with _Outcome(self, method, context):
                 async for item in behaviour(request, context):
