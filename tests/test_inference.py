@@ -55,6 +55,9 @@ def test_server_is_live_and_ready(client: tc.InferenceServerClient) -> None:
     assert client.is_model_ready("tiny")
     assert not client.is_model_ready("broken")
     assert not client.is_model_ready("no-such-model")
+    assert not client.is_model_ready("tiny", "9")
+    with pytest.raises(InferenceServerException, match="positive integer"):
+        client.is_model_ready("tiny", "v1")  # malformed, as ModelInfer says too
 
 
 def test_server_metadata_lists_supported_extensions(client: tc.InferenceServerClient) -> None:

@@ -98,9 +98,10 @@ class Registry:
         return Observe(self.get(name, version), request_id=request_id, log_rate=log_rate)
 
     def ready(self, name: str, version: str = "") -> bool:
+        """Whether that version can take requests; a malformed version is InvalidInput."""
         try:
             self.get(name, version)
-        except (ModelNotFound, ModelNotReady, InvalidInput):
+        except (ModelNotFound, ModelNotReady):
             return False
         return True
 
