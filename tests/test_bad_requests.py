@@ -85,6 +85,22 @@ def two_inputs_same_name() -> pb.ModelInferRequest:
     return r
 
 
+def output_twice() -> pb.ModelInferRequest:
+    r = request()
+    r.outputs.add(name="y")
+    r.outputs.add(name="y").parameters["classification"].int64_param = 2
+    return r
+
+
+def in_shared_memory(where: str) -> pb.ModelInferRequest:
+    """A tensor placed in a shared-memory region, which cnnserve never registers."""
+    r = request(raw=[]) if where == "input" else request()
+    tensor = r.inputs[0] if where == "input" else r.outputs.add(name="y")
+    tensor.parameters["shared_memory_region"].string_param = "region0"
+    tensor.parameters["shared_memory_byte_size"].int64_param = 16
+    return r
+
+
 CASES: list[tuple[str, Callable[[], pb.ModelInferRequest], Code, str]] = [
     ("unknown model", lambda: request(model="nope"), Code.NOT_FOUND, "unknown model"),
     ("empty model name", lambda: request(model=""), Code.INVALID_ARGUMENT, "model_name"),
@@ -109,6 +125,11 @@ CASES: list[tuple[str, Callable[[], pb.ModelInferRequest], Code, str]] = [
     ("typed count", typed_wrong_count, Code.INVALID_ARGUMENT, "3 values"),
     ("duplicate input", two_inputs_same_name, Code.INVALID_ARGUMENT, "twice"),
     ("unknown output", unknown_output, Code.INVALID_ARGUMENT, "unknown output"),
+    ("output twice", output_twice, Code.INVALID_ARGUMENT, "output 'y' is requested twice"),
+    ("input in shared memory", lambda: in_shared_memory("input"), Code.INVALID_ARGUMENT,
+     "shared memory region 'region0' is not registered"),
+    ("output in shared memory", lambda: in_shared_memory("output"), Code.INVALID_ARGUMENT,
+     "shared memory region 'region0' is not registered"),
     ("classification 0", zero_classification, Code.INVALID_ARGUMENT, "classification"),
     ("timeout as string", lambda: with_param("timeout", string_param="1s"),
      Code.INVALID_ARGUMENT, "timeout"),

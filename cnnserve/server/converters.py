@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -141,11 +141,32 @@ def _from_typed(
         raise InvalidInput(f"input {spec.name!r}: {exc}") from exc
 
 
+_SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+
+
+def _no_shared_memory(kind: str, name: str, parameters: Mapping[str, pb.InferParameter]) -> None:
+    """Refuse a tensor placed in shared memory: no region can be registered here, and an
+    output answered in the response instead would leave the client reading stale memory."""
+    for key in _SHARED_MEMORY:
+        if key in parameters:
+            region = parameters[key].string_param if key == _SHARED_MEMORY[0] else ""
+            raise InvalidInput(
+                f"{kind} {name!r}: shared memory region {region!r} is not registered; "
+                "cnnserve offers no shared memory, so send the data in the request"
+                if region
+                else f"{kind} {name!r}: {key} given, but cnnserve offers no shared memory"
+            )
+
+
 def _outputs(request: pb.ModelInferRequest, known: dict[str, TensorSpec]) -> list[tuple[str, int]]:
-    chosen = []
+    chosen: list[tuple[str, int]] = []
     for out in request.outputs:
         if out.name not in known:
             raise InvalidInput(f"unknown output {out.name!r}; the model has {sorted(known)}")
+        if any(out.name == name for name, _ in chosen):
+            raise InvalidInput(f"output {out.name!r} is requested twice")
+        if out.parameters:
+            _no_shared_memory("output", out.name, out.parameters)
         count = 0
         if "classification" in out.parameters:
             if known[out.name].datatype in ("BYTES", "BOOL"):
@@ -202,6 +223,8 @@ class RequestDecoder:
                     "a request carries either raw_input_contents or typed contents, not both"
                 )
             name = tensor.name
+            if tensor.parameters:
+                _no_shared_memory("input", name, tensor.parameters)
             spec = self._inputs.get(name)
             if spec is None:
                 raise InvalidInput(f"unknown input {name!r}; the model has {sorted(self._inputs)}")
