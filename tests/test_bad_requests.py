@@ -232,3 +232,94 @@ dynamic_batching { default_queue_policy { default_timeout_microseconds: 1000 } }
     assert Code.OK in codes
     assert Code.DEADLINE_EXCEEDED in codes
     assert set(codes) <= {Code.OK, Code.DEADLINE_EXCEEDED}
+
+
+def test_an_answer_over_the_message_limit_fails_alone_in_a_stream(tmp_path: Path) -> None:
+    """gRPC ends a whole stream on a message over its send limit, so such an answer is an
+    error message for its own request, and the stream goes on."""
+    import io
+
+    from PIL import Image
+
+    from cnnserve.v1 import classification_pb2 as cpb
+    from cnnserve.v1 import classification_pb2_grpc as crpc
+    from tests.tiny import write_tiny_image
+
+    model = write_tiny_image(tmp_path)
+    (model / "labels.txt").write_text("".join(f"{c * 200}\n" for c in "abc"))  # long answers
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8)).save(buffer, "PNG")
+    image = buffer.getvalue()
+    rows = np.zeros((16, 1, 8, 8), np.float32)
+
+    def infer(count: int, tag: str) -> pb.ModelInferRequest:
+        r = pb.ModelInferRequest(model_name="pixels", id=tag)
+        r.inputs.add(name="input", datatype="FP32", shape=[count, 1, 8, 8])
+        r.raw_input_contents.append(rows[:count].tobytes())
+        r.outputs.add(name="logits").parameters["classification"].int64_param = 3
+        return r
+
+    with (
+        server_in_thread(tmp_path, max_message_bytes=8192) as running,
+        grpc.insecure_channel(running.url) as channel,
+    ):
+        # 16 rows of 3 classes with 200-byte labels: about 10 KB answered for 4 KB asked.
+        answers = list(rpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(
+            iter([infer(16, "big"), infer(1, "small")]), timeout=30
+        ))  # fmt: skip
+        assert answers[0].error_message.startswith("[RESOURCE_EXHAUSTED] the answer is ")
+        assert "over the server's --max-message-bytes 8192" in answers[0].error_message
+        assert answers[0].infer_response.id == "big"
+        assert not answers[1].error_message
+        assert answers[1].infer_response.id == "small"
+
+        def classify(count: int, tag: str) -> cpb.ClassifyRequest:
+            return cpb.ClassifyRequest(model_name="pixels", images=[image] * count, top_k=3, id=tag)
+
+        classifier = crpc.ImageClassifierStub(channel)
+        replies = list(classifier.ClassifyStream(iter([classify(16, "big"), classify(1, "small")])))
+        assert replies[0].error_code == "RESOURCE_EXHAUSTED"
+        assert replies[0].response.id == "big"
+        assert not replies[1].error_code
+        assert len(replies[1].response.results) == 1
+        with pytest.raises(grpc.RpcError) as error:
+            classifier.Classify(classify(16, "unary"), timeout=30)
+        assert error.value.code() == Code.RESOURCE_EXHAUSTED
+        assert "--max-message-bytes 8192" in (error.value.details() or "")
+
+
+def test_the_image_pixel_limit_is_the_servers_own(tmp_path: Path) -> None:
+    """Raised above Pillow's built-in limit (about 179 million pixels), --max-image-pixels
+    still decides: images are judged by the size in their header."""
+    import zlib
+
+    from cnnserve.v1 import classification_pb2 as cpb
+    from cnnserve.v1 import classification_pb2_grpc as crpc
+    from tests.tiny import write_tiny_image
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + body))
+        return struct.pack(">I", len(body)) + kind + body + crc
+
+    def declared_png(width: int, height: int) -> bytes:
+        """A PNG that declares its size but carries one row (the rest decode as zeros)."""
+        header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+        data = zlib.compress(bytes(width + 1))  # one row of the many declared
+        return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data)
+
+    write_tiny_image(tmp_path)
+    with (
+        server_in_thread(tmp_path, max_image_pixels=300_000_000) as running,
+        grpc.insecure_channel(running.url) as channel,
+    ):
+        classify = crpc.ImageClassifierStub(channel).Classify
+
+        def request(width: int, height: int) -> cpb.ClassifyRequest:
+            return cpb.ClassifyRequest(model_name="pixels", images=[declared_png(width, height)])
+
+        allowed = classify(request(20000, 10000), timeout=60)  # 200 million pixels
+        assert len(allowed.results) == 1
+        with pytest.raises(grpc.RpcError) as error:
+            classify(request(20000, 20000), timeout=30)
+        assert error.value.code() == Code.INVALID_ARGUMENT
+        assert error.value.details() == "image 0: 20000x20000 pixels, over the 300000000 limit"

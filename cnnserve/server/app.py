@@ -73,12 +73,14 @@ class Server:
             self.registry,
             control_mode=settings.model_control_mode,
             request_log_rate=settings.request_log_rate,
+            max_message_bytes=settings.max_message_bytes,
         )
         self.classifier = ClassifierServicer(
             self.registry,
             limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels),
             workers=settings.preprocess_threads,
             request_log_rate=settings.request_log_rate,
+            max_message_bytes=settings.max_message_bytes,
         )
         self.grpc_port = 0
         self.metrics_port = 0

@@ -2,8 +2,10 @@
 
 Each image is decoded and preprocessed in a bounded thread pool, as the
 model's config `parameters` say (the same code the export stage trains and
-verifies with), then joins the model's dynamic batcher as a one-row request,
-so eight one-image calls and one eight-image call end in the same batches.
+verifies with). A call's images join the model's dynamic batcher as one
+request of that many rows (one place in its queue, as in Triton), split across
+batches where it does not fit one, so eight one-image calls and one
+eight-image call end in the same batches.
 Images over the byte or pixel limits are refused before they are decoded.
 """
 
@@ -21,10 +23,16 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from cnnserve.preprocess import PreprocessParams, preprocess
-from cnnserve.server.errors import CnnserveError, InvalidInput, NotAllowed, ServerDraining
+from cnnserve.server.errors import (
+    AnswerTooLarge,
+    CnnserveError,
+    InvalidInput,
+    NotAllowed,
+    ServerDraining,
+)
 from cnnserve.server.model import ModelVersion
 from cnnserve.server.registry import Registry
-from cnnserve.server.servicer import deadline_ns
+from cnnserve.server.servicer import deadline_ns, too_large
 from cnnserve.server.status import rpc
 from cnnserve.v1 import classification_pb2 as pb
 from cnnserve.v1 import classification_pb2_grpc
@@ -75,10 +83,16 @@ class ClassifierServicer(classification_pb2_grpc.ImageClassifierServicer):
         limits: ImageLimits,
         workers: int,
         request_log_rate: float = 0.0,
+        max_message_bytes: int = 256 * 1024 * 1024,
     ) -> None:
         self.registry = registry
         self.limits = limits
         self.request_log_rate = request_log_rate
+        self.max_message_bytes = max_message_bytes  # what gRPC lets the server send
+        # Pillow's own decompression-bomb limit (a warning above about 179 million pixels,
+        # an error above twice that) would overrule --max-image-pixels; `_decode` checks
+        # the size from the header before any pixel is decoded instead.
+        Image.MAX_IMAGE_PIXELS = None
         self.draining = False
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="preprocess")
 
@@ -129,21 +143,23 @@ class ClassifierServicer(classification_pb2_grpc.ImageClassifierServicer):
                 *(self._image(model, i, data, params) for i, data in enumerate(request.images))
             )
             deadline = deadline_ns(context, model.default_timeout_us)
-            name = model.inputs[0].name
-            results = await asyncio.gather(
-                *(model.infer({name: a[np.newaxis]}, 1, deadline) for a in arrays)
-            )
+            batch = np.stack(arrays)
+            del arrays
+            result = await model.infer({model.inputs[0].name: batch}, len(batch), deadline)
             response = pb.ClassifyResponse(
                 model_name=model.name, model_version=str(model.version), id=request.id
             )
             labels = model.labels.get(model.output_names[0], [])
-            for result in results:
-                probabilities = _softmax(result.outputs[0].reshape(-1))
+            for row in result.outputs[0]:
+                probabilities = _softmax(row.reshape(-1))
                 entry = response.results.add()
                 for i in np.argsort(-probabilities, kind="stable")[:top_k]:
                     label = labels[i] if i < len(labels) else str(i)
                     entry.classes.add(index=int(i), label=label, score=float(probabilities[i]))
-            seen.succeeded(len(results), results)
+            size = response.ByteSize()
+            if size > self.max_message_bytes:  # in a stream, gRPC would end it on this answer
+                raise AnswerTooLarge(too_large(size, self.max_message_bytes))
+            seen.succeeded(len(batch), [result])
             return response
 
     @rpc("Classify")

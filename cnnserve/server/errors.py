@@ -4,6 +4,7 @@
     ├── ModelNotFound      NOT_FOUND           unknown model or version
     ├── InvalidInput       INVALID_ARGUMENT    wrong name, shape, datatype, size or image
     ├── QueueFull          RESOURCE_EXHAUSTED  the model's queue is at max_queue_size
+    ├── AnswerTooLarge     RESOURCE_EXHAUSTED  an answer over --max-message-bytes
     ├── DeadlineExceeded   DEADLINE_EXCEEDED   the request's timeout passed while queued
     ├── ModelNotReady      UNAVAILABLE         loading, failed to load, or draining
     ├── ServerDraining     UNAVAILABLE         the server is shutting down
@@ -34,6 +35,10 @@ class InvalidInput(CnnserveError):
 
 
 class QueueFull(CnnserveError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class AnswerTooLarge(CnnserveError):
     code = "RESOURCE_EXHAUSTED"
 
 

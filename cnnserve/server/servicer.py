@@ -46,6 +46,10 @@ def deadline_ns(context: grpc.aio.ServicerContext, timeout_us: int | None) -> in
     return min(limits) if limits else None
 
 
+def too_large(size: int, limit: int) -> str:
+    return f"the answer is {size} bytes, over the server's --max-message-bytes {limit}"
+
+
 class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(
         self,
@@ -53,10 +57,12 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         *,
         control_mode: str,
         request_log_rate: float = 0.0,
+        max_message_bytes: int = 256 * 1024 * 1024,
     ) -> None:
         self.registry = registry
         self.control_mode = control_mode
         self.request_log_rate = request_log_rate
+        self.max_message_bytes = max_message_bytes  # what gRPC lets the server send
         self.draining = False
         self.started = False
 
@@ -249,7 +255,13 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         except Exception:
             log.exception("stream inference failed")
             return _stream_error(request, "[INTERNAL] internal error; see the server log")
-        return pb.ModelStreamInferResponse(infer_response=response)
+        answer = pb.ModelStreamInferResponse(infer_response=response)
+        size = answer.ByteSize()
+        if size > self.max_message_bytes:  # gRPC would end the whole stream on it
+            return _stream_error(
+                request, f"[RESOURCE_EXHAUSTED] {too_large(size, self.max_message_bytes)}"
+            )
+        return answer
 
     # -- not offered ------------------------------------------------------------------
 
