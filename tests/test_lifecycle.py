@@ -322,3 +322,16 @@ def test_servers_with_reuse_grpc_port_share_it_and_one_stopping_leaves_the_other
             assert first.process.wait(30) == 0
             assert all(_answers(second.url) for _ in range(3))  # new connections: the second
             assert second.process.poll() is None
+
+
+def test_a_load_model_not_in_the_repository_stops_the_start(tmp_path: Path) -> None:
+    """A typo in --load-model would leave a server whose health says SERVING while it
+    serves nothing, so the start fails, naming the model and what the repository has."""
+    from cnnserve.server.app import StartupError
+
+    write_tiny(tmp_path)
+    with (
+        pytest.raises(StartupError, match=r"--load-model tiyn: not in the repository .*tiny"),
+        server_in_thread(tmp_path, load_model=("tiny", "tiyn")),
+    ):
+        pass

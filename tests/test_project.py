@@ -61,6 +61,7 @@ def test_settings_come_from_flags_then_environment_then_defaults() -> None:
     assert parse("--grpc-port", "7001", env=env).grpc_port == 7001
     assert parse("--load-model", "x", "--load-model", "y").load_model == ("x", "y")
     assert parse("--repository", "/tmp").repository == Path("/tmp")
+    assert parse("--log-level", "debug").log_level == "debug"  # any case
 
 
 @pytest.mark.parametrize(
@@ -71,11 +72,27 @@ def test_settings_come_from_flags_then_environment_then_defaults() -> None:
         ({"CNNSERVE_TLS_CERT": "/c.pem"}, "--tls-key"),
         ({"CNNSERVE_TLS_CERT": "/c.pem", "CNNSERVE_TLS_KEY": "/k.pem"}, "no such file"),
         ({"CNNSERVE_REQUEST_LOG_RATE": "2"}, "between 0 and 1"),
+        ({"CNNSERVE_GRPC_PORT": "70000"}, "--grpc-port must be between 0 and 65535, not 70000"),
+        ({"CNNSERVE_METRICS_PORT": "-2"}, "--metrics-port must be between -1 and 65535"),
+        ({"CNNSERVE_LOG_LEVEL": "loud"}, "--log-level must be one of DEBUG, INFO"),
+        ({"CNNSERVE_PREPROCESS_THREADS": "0"}, "--preprocess-threads must be at least 1"),
+        ({"CNNSERVE_REPOSITORY_POLL_SECS": "0"}, "--repository-poll-secs must be at least"),
+        ({"CNNSERVE_MAX_MESSAGE_BYTES": "0"}, "--max-message-bytes must be between 4096"),
+        ({"CNNSERVE_GRACE_PERIOD_SECS": "-1"}, "--grace-period-secs must be at least 0"),
+        ({"CNNSERVE_MAX_IMAGE_PIXELS": "0"}, "--max-image-pixels must be at least 1"),
     ],
 )
 def test_bad_settings_are_refused_with_a_reason(env: dict[str, str], words: str) -> None:
     with pytest.raises(ValueError, match=words):
         parse(env=env)
+
+
+def test_a_certificate_that_is_not_one_is_refused_before_the_port_opens(tmp_path: Path) -> None:
+    garbage = tmp_path / "cert.pem"
+    garbage.write_text("not a certificate\n")
+    cert = ["--tls-cert", str(garbage), "--tls-key", str(garbage)]
+    with pytest.raises(ValueError, match="are not a PEM certificate chain and its private key"):
+        parse(*cert)
 
 
 @pytest.mark.parametrize(

@@ -194,6 +194,13 @@ class Server:
         s = self.settings
         if s.load_model:
             names = list(s.load_model)
+            present = await asyncio.to_thread(list_models, s.repository)
+            missing = [n for n in names if n not in present]
+            if missing:  # a typo would leave a server that passes health checks, serving nothing
+                raise StartupError(
+                    f"--load-model {', '.join(missing)}: not in the repository {s.repository} "
+                    f"(it has {', '.join(present) or 'no models'})"
+                )
         elif s.model_control_mode == "explicit":
             names = []
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any
 
 CONTROL_MODES = ("none", "poll", "explicit")
 LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_PORT = 65535
 
 
 @dataclass(frozen=True)
@@ -25,9 +28,13 @@ class Settings:
         default=Path("model_repository"), metadata={"help": "model repository folder"}
     )
     host: str = field(default="0.0.0.0", metadata={"help": "address to bind"})
-    grpc_port: int = field(default=8001, metadata={"help": "gRPC port (0: any free port)"})
+    grpc_port: int = field(
+        default=8001,
+        metadata={"help": "gRPC port (0: any free port)", "range": (0, _PORT)},
+    )
     metrics_port: int = field(
-        default=8002, metadata={"help": "Prometheus /metrics port (-1: disabled, 0: any)"}
+        default=8002,
+        metadata={"help": "Prometheus /metrics port (-1: disabled, 0: any)", "range": (-1, _PORT)},
     )
     reuse_grpc_port: str = field(
         default="false",
@@ -40,33 +47,44 @@ class Settings:
         default="none", metadata={"help": "none | poll | explicit", "choices": CONTROL_MODES}
     )
     repository_poll_secs: float = field(
-        default=5.0, metadata={"help": "seconds between repository scans in poll mode"}
+        default=5.0,
+        metadata={"help": "seconds between repository scans in poll mode", "range": (0.05, None)},
     )
     load_model: tuple[str, ...] = field(
         default=(), metadata={"help": "model to load at start (repeatable; default: all)"}
     )
     max_message_bytes: int = field(
-        default=256 * 1024 * 1024, metadata={"help": "largest gRPC message, sent or received"}
+        default=256 * 1024 * 1024,
+        # Below a few kilobytes not even a metadata answer fits.
+        metadata={"help": "largest gRPC message, sent or received", "range": (4096, 2**31 - 1)},
     )
     grace_period_secs: float = field(
-        default=30.0, metadata={"help": "time in-flight requests get to finish on shutdown"}
+        default=30.0,
+        metadata={"help": "time in-flight requests get to finish on shutdown", "range": (0, None)},
     )
     max_queue_size: int = field(
-        default=1024, metadata={"help": "queue bound for models whose config sets none"}
+        default=1024,
+        metadata={"help": "queue bound for models whose config sets none", "range": (1, None)},
     )
     max_image_bytes: int = field(
-        default=20 * 1024 * 1024, metadata={"help": "largest encoded image Classify accepts"}
+        default=20 * 1024 * 1024,
+        metadata={"help": "largest encoded image Classify accepts", "range": (1, None)},
     )
     max_image_pixels: int = field(
-        default=40_000_000, metadata={"help": "largest image (width x height) Classify decodes"}
+        default=40_000_000,
+        metadata={"help": "largest image (width x height) Classify decodes", "range": (1, None)},
     )
     preprocess_threads: int = field(
         default=max(1, min(4, os.cpu_count() or 1)),
-        metadata={"help": "threads that decode and preprocess images"},
+        metadata={"help": "threads that decode and preprocess images", "range": (1, None)},
     )
-    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING, ERROR"})
+    log_level: str = field(
+        default="INFO",
+        metadata={"help": "DEBUG | INFO | WARNING | ERROR (any case)"},
+    )
     request_log_rate: float = field(
-        default=0.0, metadata={"help": "fraction of inference requests logged, 0 to 1"}
+        default=0.0,
+        metadata={"help": "fraction of inference requests logged, 0 to 1", "range": (0, 1)},
     )
     log_format: str = field(
         default="text", metadata={"help": "text | json", "choices": LOG_FORMATS}
@@ -102,18 +120,20 @@ class Settings:
     def validate(self) -> None:
         """Raise ValueError naming the first setting that cannot work."""
         for f in dataclasses.fields(self):
+            flag, value = "--" + f.name.replace("_", "-"), getattr(self, f.name)
             choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise ValueError(
-                    f"--{f.name.replace('_', '-')} must be one of {', '.join(choices)}"
-                )
+            if choices and value not in choices:
+                raise ValueError(f"{flag} must be one of {', '.join(choices)}")
+            least, most = f.metadata.get("range", (None, None))
+            if most is None and least is not None and value < least:
+                raise ValueError(f"{flag} must be at least {least}, not {value}")
+            if most is not None and not least <= value <= most:
+                raise ValueError(f"{flag} must be between {least} and {most}, not {value}")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ValueError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
         self._check_files()
         if not self.repository.is_dir():
             raise ValueError(f"model repository {self.repository} is not a folder")
-        if not 0.0 <= self.request_log_rate <= 1.0:
-            raise ValueError("--request-log-rate must be between 0 and 1")
-        if self.max_queue_size < 1:
-            raise ValueError("--max-queue-size must be at least 1")
 
     def _check_files(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -124,6 +144,23 @@ class Settings:
             path = getattr(self, name)
             if path is not None and not path.is_file():
                 raise ValueError(f"--{name.replace('_', '-')} {path}: no such file")
+        if self.tls_cert is not None and self.tls_key is not None:
+            # gRPC would only say that the port could not be bound.
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            try:
+                context.load_cert_chain(self.tls_cert, self.tls_key)
+            except (ssl.SSLError, OSError) as exc:
+                raise ValueError(
+                    f"--tls-cert {self.tls_cert} and --tls-key {self.tls_key} are not a PEM "
+                    f"certificate chain and its private key ({exc})"
+                ) from None
+            if self.tls_client_ca is not None:
+                try:
+                    context.load_verify_locations(self.tls_client_ca)
+                except (ssl.SSLError, OSError) as exc:
+                    raise ValueError(
+                        f"--tls-client-ca {self.tls_client_ca}: not PEM CA certificates ({exc})"
+                    ) from None
 
 
 def _env_name(name: str) -> str:
