@@ -74,11 +74,37 @@ def test_levels_print_a_table_and_write_json_and_csv(
         assert level["errors"] == {}
         assert level["error_count"] == 0
         assert level["client"]["cpu_us_per_request"] > 0
+        assert level["stable"] is None  # one --duration window: nothing was checked
     with out_csv.open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == CSV_FIELDS
     assert [row["concurrency"] for row in rows] == ["1", "4"]
     assert float(rows[1]["inferences_per_s"]) == levels[1]["inferences_per_s"]
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--duration", "0"], "--duration must be positive, not 0.0"),
+        (["--stability-pct", "-5"], "--stability-pct must not be negative"),
+        (["--warmup-secs", "-1"], "--warmup-secs must not be negative"),
+        (["--workers-per-channel", "0"], "--workers-per-channel must be positive"),
+        (["--csv", "{tmp}/no/such/folder/out.csv"], "out.csv: cannot write there"),
+        (["--json", "{tmp}"], "cannot write there"),
+        (["--plot", "{tmp}/out.txt"], "out.txt: name a "),
+    ],
+)
+def test_settings_that_cannot_run_are_refused_before_measuring(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], words: str
+) -> None:
+    # No server listens on port 1: a refusal comes before any connection.
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    code = main(["loadtest", "--url", "127.0.0.1:1", "--model", "tiny", *SHORT[2:], *argv])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("cnnserve loadtest: error: ")
+    assert words in error
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_server_side_split_comes_from_model_statistics(server: Running, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -30,7 +31,14 @@ from typing import Any
 from cnnserve.client.cli_common import add_connection_arguments, fail
 from cnnserve.client.connection import Connection, connect
 from cnnserve.client.loadtest_engine import Level, Policy, Progress, run_levels
-from cnnserve.client.loadtest_report import LevelResult, plot, table, write_csv, write_json
+from cnnserve.client.loadtest_report import (
+    LevelResult,
+    plot,
+    plot_refusal,
+    table,
+    write_csv,
+    write_json,
+)
 from cnnserve.client.loadtest_setup import SetupError, channel_factory, prepare
 
 
@@ -67,9 +75,13 @@ async def loadtest(
 
 def _numbers(kind: type[int] | type[float]) -> Callable[[str], list[Any]]:
     def parse(text: str) -> list[Any]:
-        values = [kind(v) for v in text.split(",") if v.strip()]
+        try:
+            values = [kind(v) for v in text.split(",")]
+        except ValueError:
+            values = []
         if not values or any(v <= 0 for v in values):
-            raise argparse.ArgumentTypeError("give positive numbers, comma-separated")
+            noun = "whole numbers" if kind is int else "numbers"
+            raise argparse.ArgumentTypeError(f"give positive {noun}, comma-separated: {text!r}")
         return values
 
     return parse
@@ -170,11 +182,42 @@ def _progress() -> Progress | None:
     return show
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1 or args.window_secs <= 0 or args.max_trials < 1:
-        return fail("loadtest", "--batch-size, --window-secs and --max-trials must be positive")
+def _refusal(args: argparse.Namespace) -> str | None:
+    """Why these settings cannot run, before anything is measured; None when they can."""
+    positive = {
+        "--batch-size": args.batch_size,
+        "--window-secs": args.window_secs,
+        "--max-trials": args.max_trials,
+        "--workers-per-channel": args.workers_per_channel,
+        "--duration": 1 if args.duration is None else args.duration,
+    }
+    for flag, value in positive.items():
+        if not value > 0:
+            return f"{flag} must be positive, not {value}"
+    for flag, value in (
+        ("--warmup-secs", args.warmup_secs),
+        ("--stability-pct", args.stability_pct),
+    ):
+        if value < 0:
+            return f"{flag} must not be negative, not {value}"
     if args.poisson and not args.request_rate:
-        return fail("loadtest", "--poisson needs --request-rate")
+        return "--poisson needs --request-rate"
+    for flag, path in (("--csv", args.csv), ("--json", args.json), ("--plot", args.plot)):
+        if path is None:
+            continue
+        folder = path.parent
+        if path.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+            return f"{flag} {path}: cannot write there"
+    if args.plot is not None:
+        return plot_refusal(args.plot)
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    refusal = _refusal(args)
+    if refusal is not None:
+        fail("loadtest", refusal)
+        return 2
     if args.request_rate:
         levels = [Level(rate=r, poisson=args.poisson) for r in args.request_rate]
     else:

@@ -261,7 +261,7 @@ async def measure(
         await asyncio.sleep(policy.warmup_secs)
         engine.cut()
         snapshots = [await _snapshot(stats)]
-        is_stable = policy.duration is not None
+        is_stable: bool | None = None if policy.duration else False  # None: not checked
         for trial in range(1, trials + 1):
             await asyncio.sleep(length)
             windows.append(engine.cut())
@@ -270,7 +270,8 @@ async def measure(
                 w = windows[-1]
                 rate = len(w.latencies_ns) * inferences / w.seconds
                 progress(f"{level.describe()}: window {trial}/{trials}, {rate:,.1f} infer/s")
-            if not is_stable and len(windows) >= 3 and stable(windows[-3:], policy.stability_pct):
+            checked = is_stable is False and len(windows) >= 3
+            if checked and stable(windows[-3:], policy.stability_pct):
                 is_stable = True
                 break
     finally:

@@ -104,7 +104,7 @@ class LevelResult:
     request_rate: float | None
     poisson: bool
     windows: int
-    stable: bool
+    stable: bool | None  # None: one window of --duration, no stability check
     seconds: float
     requests: int
     inferences: int
@@ -137,7 +137,7 @@ def summarize(
     windows: Sequence[Window],
     inferences_per_request: int,
     server: ServerSplit | None,
-    stable: bool,
+    stable: bool | None,
 ) -> LevelResult:
     seconds = sum(w.seconds for w in windows)
     latencies = [ns for w in windows for ns in w.latencies_ns]
@@ -196,7 +196,7 @@ def table(results: Sequence[LevelResult]) -> str:
         server = r.server_us or {}
         row += [_num(server.get(k), 0) for k in _SERVER_COLUMNS] + [_num(server.get("batch"))]
         row += [_num(r.client["cpu_us_per_request"], 0), _errors(r)]
-        row += ["yes" if r.stable else f"no ({r.windows} windows)"]
+        row += ["-" if r.stable is None else "yes" if r.stable else f"no ({r.windows} windows)"]
         rows.append(row)
     cells = [headers, *rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
@@ -266,6 +266,16 @@ def write_csv(path: Path, results: Sequence[LevelResult]) -> None:
 def write_json(path: Path, header: dict[str, Any], results: Sequence[LevelResult]) -> None:
     document = header | {"levels": [asdict(r) for r in results]}
     path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+
+
+def plot_refusal(path: Path) -> str | None:
+    """Why matplotlib cannot write a plot to `path` (checked before measuring), or None."""
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    if path.suffix.lstrip(".").lower() not in formats:
+        return f"--plot {path}: name a {', '.join(f'.{f}' for f in sorted(formats))} file"
+    return None
 
 
 def plot(path: Path, title: str, results: Sequence[LevelResult]) -> None:
