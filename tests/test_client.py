@@ -493,3 +493,25 @@ def test_readme_examples_run(server: Running, digits: Digits, tmp_path: Path) ->
         if block is folder_example:
             assert "9 of 9 images classified" in done.stdout
             assert f"000.png: {labels[0]} (" in done.stdout
+    (tmp_path / "example_folder.py").write_text(folder_example)
+    (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")  # unreadable: that one fails
+    done = subprocess.run(
+        [sys.executable, str(tmp_path / "example_folder.py"), str(tmp_path), "lenet5"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "CNNSERVE_URL": server.url},
+    )
+    assert done.returncode == 1, done.stderr
+    assert "gone.png: failed: [Errno 2] No such file or directory" in done.stdout
+    assert "9 of 10 images classified" in done.stdout
+
+
+def test_versions_may_be_given_as_numbers(client: Client, digits: Digits) -> None:
+    assert client.is_ready("lenet5", 1)
+    assert client.metadata("lenet5", 1).versions == ["1"]
+    [answer] = client.classify("lenet5", digits[0][0], version=1)
+    assert answer.top.index == client.classify("lenet5", digits[0][0], version="1")[0].top.index
+    image = np.zeros((1, 1, 32, 32), np.float32)
+    assert client.infer("lenet5", [image], version=1).as_numpy("logits").shape == (1, 10)

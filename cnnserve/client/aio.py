@@ -16,7 +16,7 @@ import grpc
 from cnnserve.client import protocol
 from cnnserve.client.connection import BaseClient, remaining
 from cnnserve.client.errors import InvalidArgument, NotFound, Unavailable, from_rpc_error
-from cnnserve.client.protocol import ImageLike, Inputs
+from cnnserve.client.protocol import ImageLike, Inputs, Version
 from cnnserve.client.results import ClassifiedImage, InferResult, ModelInfo
 from cnnserve.v1 import classification_pb2_grpc, grpc_service_pb2_grpc
 from cnnserve.v1 import inference_pb2 as pb
@@ -66,9 +66,10 @@ class AsyncClient(BaseClient):
         return bool(response.live)
 
     async def is_ready(
-        self, model: str | None = None, version: str = "", *, timeout: float | None = None
+        self, model: str | None = None, version: Version = "", *, timeout: float | None = None
     ) -> bool:
         """The server's readiness, or one model's (False for a model it does not know)."""
+        version = str(version)
         if model is None:
             request: Any = pb.ServerReadyRequest()
             return bool((await self._call(self._inference.ServerReady, request, timeout)).ready)
@@ -76,18 +77,30 @@ class AsyncClient(BaseClient):
         return bool((await self._call(self._inference.ModelReady, request, timeout)).ready)
 
     async def metadata(
-        self, model: str, version: str = "", *, as_json: bool = False, timeout: float | None = None
+        self,
+        model: str,
+        version: Version = "",
+        *,
+        as_json: bool = False,
+        timeout: float | None = None,
     ) -> Any:
         """ModelMetadataResponse: versions, inputs and outputs (names, datatypes, shapes)."""
+        version = str(version)
         request = pb.ModelMetadataRequest(name=model, version=version)
         response = await self._call(self._inference.ModelMetadata, request, timeout)
         self._remember_names(model, version, response)
         return protocol.to_json(response) if as_json else response
 
     async def config(
-        self, model: str, version: str = "", *, as_json: bool = False, timeout: float | None = None
+        self,
+        model: str,
+        version: Version = "",
+        *,
+        as_json: bool = False,
+        timeout: float | None = None,
     ) -> Any:
         """The ModelConfig in use, with `parameters["execution_provider"]` filled in."""
+        version = str(version)
         request = pb.ModelConfigRequest(name=model, version=version)
         config = (await self._call(self._inference.ModelConfig, request, timeout)).config
         return protocol.to_json(config) if as_json else config
@@ -95,12 +108,13 @@ class AsyncClient(BaseClient):
     async def statistics(
         self,
         model: str = "",
-        version: str = "",
+        version: Version = "",
         *,
         as_json: bool = False,
         timeout: float | None = None,
     ) -> Any:
         """Triton's cumulative counts and durations (all models by default)."""
+        version = str(version)
         request = pb.ModelStatisticsRequest(name=model, version=version)
         response = await self._call(self._inference.ModelStatistics, request, timeout)
         return protocol.to_json(response) if as_json else response
@@ -139,13 +153,14 @@ class AsyncClient(BaseClient):
         model: str,
         inputs: Inputs,
         *,
-        version: str = "",
+        version: Version = "",
         outputs: Sequence[str] | None = None,
         class_count: int = 0,
         request_id: str = "",
         timeout: float | None = None,
     ) -> InferResult:
         """As `Client.infer`."""
+        version = str(version)
         names = None
         if not isinstance(inputs, Mapping):
             names = (await self._io_names(model, version, timeout))[0]
@@ -168,10 +183,11 @@ class AsyncClient(BaseClient):
         images: ImageLike | Iterable[ImageLike],
         *,
         top_k: int = 0,
-        version: str = "",
+        version: Version = "",
         timeout: float | None = None,
     ) -> list[ClassifiedImage]:
         """As `Client.classify`; calls beyond the first message's worth run concurrently."""
+        version = str(version)
         items = protocol.one_or_many(images)
         if all(isinstance(i, bytes) for i in items):
             encoded = [protocol.encode_image(i) for i in items]  # nothing to read or encode

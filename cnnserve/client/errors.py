@@ -15,8 +15,8 @@
 
 Every other status (FAILED_PRECONDITION, UNIMPLEMENTED, INTERNAL...) is raised
 as the base class with its code. Mistakes found before anything is sent (an
-unsupported numpy dtype, an unknown input name) are ValueError or TypeError, as
-in any Python library.
+unsupported numpy dtype, an unknown input name) are ValueError or TypeError, and
+an image file that cannot be read is OSError, as in any Python library.
 """
 
 from __future__ import annotations

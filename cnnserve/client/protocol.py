@@ -29,6 +29,7 @@ from cnnserve.v1 import classification_pb2, inference_pb2
 
 ImageLike: TypeAlias = "str | os.PathLike[str] | bytes | Image.Image"
 Inputs: TypeAlias = "Mapping[str, Any] | Sequence[Any] | np.ndarray"
+Version: TypeAlias = "str | int"  # "" is the server's choice; 1 and "1" are the same
 
 # protocol datatype -> numpy dtype of its raw (little-endian) form
 _WIRE: dict[str, np.dtype] = {

@@ -17,7 +17,7 @@ import grpc
 from cnnserve.client import protocol
 from cnnserve.client.connection import BaseClient, remaining
 from cnnserve.client.errors import InvalidArgument, NotFound, Unavailable, from_rpc_error
-from cnnserve.client.protocol import ImageLike, Inputs
+from cnnserve.client.protocol import ImageLike, Inputs, Version
 from cnnserve.client.results import ClassifiedImage, InferResult, ModelInfo
 from cnnserve.v1 import classification_pb2_grpc, grpc_service_pb2_grpc
 from cnnserve.v1 import inference_pb2 as pb
@@ -66,9 +66,10 @@ class Client(BaseClient):
         return bool(self._call(self._inference.ServerLive, pb.ServerLiveRequest(), timeout).live)
 
     def is_ready(
-        self, model: str | None = None, version: str = "", *, timeout: float | None = None
+        self, model: str | None = None, version: Version = "", *, timeout: float | None = None
     ) -> bool:
         """The server's readiness, or one model's (False for a model it does not know)."""
+        version = str(version)
         if model is None:
             request: Any = pb.ServerReadyRequest()
             return bool(self._call(self._inference.ServerReady, request, timeout).ready)
@@ -76,18 +77,30 @@ class Client(BaseClient):
         return bool(self._call(self._inference.ModelReady, request, timeout).ready)
 
     def metadata(
-        self, model: str, version: str = "", *, as_json: bool = False, timeout: float | None = None
+        self,
+        model: str,
+        version: Version = "",
+        *,
+        as_json: bool = False,
+        timeout: float | None = None,
     ) -> Any:
         """ModelMetadataResponse: versions, inputs and outputs (names, datatypes, shapes)."""
+        version = str(version)
         request = pb.ModelMetadataRequest(name=model, version=version)
         response = self._call(self._inference.ModelMetadata, request, timeout)
         self._remember_names(model, version, response)
         return protocol.to_json(response) if as_json else response
 
     def config(
-        self, model: str, version: str = "", *, as_json: bool = False, timeout: float | None = None
+        self,
+        model: str,
+        version: Version = "",
+        *,
+        as_json: bool = False,
+        timeout: float | None = None,
     ) -> Any:
         """The ModelConfig in use, with `parameters["execution_provider"]` filled in."""
+        version = str(version)
         request = pb.ModelConfigRequest(name=model, version=version)
         config = self._call(self._inference.ModelConfig, request, timeout).config
         return protocol.to_json(config) if as_json else config
@@ -95,12 +108,13 @@ class Client(BaseClient):
     def statistics(
         self,
         model: str = "",
-        version: str = "",
+        version: Version = "",
         *,
         as_json: bool = False,
         timeout: float | None = None,
     ) -> Any:
         """Triton's cumulative counts and durations (all models by default)."""
+        version = str(version)
         request = pb.ModelStatisticsRequest(name=model, version=version)
         response = self._call(self._inference.ModelStatistics, request, timeout)
         return protocol.to_json(response) if as_json else response
@@ -136,7 +150,7 @@ class Client(BaseClient):
         model: str,
         inputs: Inputs,
         *,
-        version: str = "",
+        version: Version = "",
         outputs: Sequence[str] | None = None,
         class_count: int = 0,
         request_id: str = "",
@@ -147,6 +161,7 @@ class Client(BaseClient):
         `outputs` limits the answer to those outputs; `class_count` > 0 asks for
         Triton's classification instead of the scores: BYTES "score:index:label".
         """
+        version = str(version)
         names = None
         if not isinstance(inputs, Mapping):
             names = self._io_names(model, version, timeout)[0]
@@ -168,7 +183,7 @@ class Client(BaseClient):
         images: ImageLike | Iterable[ImageLike],
         *,
         top_k: int = 0,
-        version: str = "",
+        version: Version = "",
         timeout: float | None = None,
     ) -> list[ClassifiedImage]:
         """The top-k classes of each image (paths, encoded bytes or PIL images), in order.
@@ -178,6 +193,7 @@ class Client(BaseClient):
         Images beyond one message's size go in further calls; `timeout` is per call.
         A refused image raises InvalidArgument, whose `image_index` names it.
         """
+        version = str(version)
         encoded = [protocol.encode_image(i) for i in protocol.one_or_many(images)]
         results: list[ClassifiedImage] = []
         for start, end in protocol.chunks(encoded, self._connection.classify_budget):
