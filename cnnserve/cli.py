@@ -30,23 +30,30 @@ def _available(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
-    """The top-level parser; only the chosen command's module is imported."""
+def build_parser(
+    argv: Sequence[str],
+) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and each command's; only the chosen command's module is
+    imported."""
     parser = argparse.ArgumentParser(prog="cnnserve", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"cnnserve {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     chosen = next((a for a in argv if not a.startswith("-")), None)
+    commands = {}
     for name, (module, help_text) in COMMANDS.items():
         if not _available(module):
             continue
-        command = sub.add_parser(name, help=help_text, description=help_text)
+        command = commands[name] = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
             importlib.import_module(module).configure(command)
-    return parser
+    return parser, commands
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(args_list).parse_args(args_list)
+    parser, commands = build_parser(args_list)
+    args, unknown = parser.parse_known_args(args_list)
+    if unknown:  # said by the command's parser, with its usage rather than the top level's
+        commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     module = importlib.import_module(COMMANDS[args.command][0])
     return int(module.run(args))

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -249,8 +250,9 @@ def test_existing_version_without_force_is_a_one_line_error(tmp_path: Path) -> N
         ({"fc.weight": torch.zeros(3)}, "does not match lenet5"),
         (LeNet5(num_classes=7).state_dict(), "shape mismatch"),
         ([1, 2, 3], "not a state dict"),
+        ({"when": date(2020, 1, 1)}, "holds Python objects that only running code from it"),
     ],
-    ids=["corrupt", "other-model", "wrong-shape", "a-list"],
+    ids=["corrupt", "other-model", "wrong-shape", "a-list", "python-objects"],
 )
 def test_bad_checkpoint_is_a_one_line_error(tmp_path: Path, content: object, words: str) -> None:
     checkpoint = tmp_path / "checkpoint.pt"
@@ -292,6 +294,7 @@ def test_auto_offline_exports_random_weights_with_a_recorded_warning(tmp_path: P
     record = json.loads((tmp_path / "r" / "resnet18" / "1" / "export.json").read_text())
     assert record["weights"]["source"] == "random"
     assert "RANDOM" in record["weights"]["warning"]
+    assert "use --weights" not in record["weights"]["warning"]  # auto was the user's choice
 
 
 def test_export_command_module_does_not_import_torch() -> None:

@@ -118,3 +118,11 @@ def test_readme_documents_every_serve_option_and_metric() -> None:
     for line in (ROOT / "deploy" / "metric_names.txt").read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             assert f"`{line.split()[0]}" in readme, line
+
+
+def test_an_unknown_flag_is_named_by_its_command() -> None:
+    command = [sys.executable, "-m", "cnnserve", "export", "lenet5", "--bogus"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: cnnserve export ")
+    assert result.stderr.strip().endswith("cnnserve export: error: unrecognized arguments: --bogus")

@@ -57,7 +57,12 @@ def load_weights(
             "trained", data.name, None, result, data.test_x, data.test_y, data.train_x
         )
     if weights == "pretrained":
-        model, enum = zoo.pretrained(name)
+        try:
+            model, enum = zoo.pretrained(name)
+        except zoo.WeightsUnreachable as exc:
+            raise zoo.WeightsUnreachable(
+                f"{exc}; use --weights random, --weights auto, or --weights PATH to a checkpoint"
+            ) from None
         return model, Weights("pretrained", enum)
     if weights == "auto":
         try:

@@ -8,9 +8,11 @@ initialisation. Training LeNet-5 lives in `train`.
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -111,7 +113,7 @@ def pretrained(name: str) -> tuple[nn.Module, str]:
     if not cached.exists() and not reachable(weights.url):
         raise WeightsUnreachable(
             f"pretrained weights for {name} are not cached and {weights.url} is unreachable "
-            "(offline?); use --weights random, --weights auto, or --weights PATH to a checkpoint"
+            "(offline?)"
         )
     try:
         with _network_timeout():
@@ -126,7 +128,21 @@ def load_checkpoint(model: nn.Module, name: str, path: Path) -> None:
     if not path.is_file():
         raise ExportError(f"checkpoint {path} does not exist or is not a file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols it half reads
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's advice here (load with weights_only=False) would run code from the file.
+        detail = (str(exc).rpartition("WeightsUnpickler error:")[2].strip().splitlines() or [""])[0]
+        what = (
+            "holds Python objects that only running code from it could load"
+            if detail.startswith("Unsupported global")
+            else "is not a PyTorch checkpoint"
+        )
+        raise ExportError(
+            f"checkpoint {path} is not a readable PyTorch state dict: it {what} ({detail}); "
+            "save one with torch.save(model.state_dict(), path)"
+        ) from None
     # torch.load surfaces a damaged file as any of pickle, zip, EOF or runtime
     # errors; all of them mean the same thing to the user.
     except Exception as exc:
