@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeAlias
@@ -323,3 +324,41 @@ def test_the_image_pixel_limit_is_the_servers_own(tmp_path: Path) -> None:
             classify(request(20000, 20000), timeout=30)
         assert error.value.code() == Code.INVALID_ARGUMENT
         assert error.value.details() == "image 0: 20000x20000 pixels, over the 300000000 limit"
+
+
+def test_a_call_past_its_grpc_deadline_is_counted_as_deadline_exceeded(tmp_path: Path) -> None:
+    """gRPC cancels the handler at the deadline, or the queue drops the request then: either
+    way the metrics say DEADLINE_EXCEEDED, never CANCELLED or UNKNOWN."""
+    config = """
+max_batch_size: 1
+input { name: "x" data_type: TYPE_FP32 dims: [4] }
+output { name: "y" data_type: TYPE_FP32 dims: [3] }
+dynamic_batching { }
+"""
+    write_slow(tmp_path, "tiny", config, layers=48, width=2048)  # tens of ms a request
+    with server_in_thread(tmp_path) as running, grpc.insecure_channel(running.url) as channel:
+        stub = rpc.GRPCInferenceServiceStub(channel)
+        registry = running.server.metrics.registry
+
+        def by(name: str, label: str) -> dict[str, float]:
+            return {
+                sample.labels[label]: sample.value
+                for metric in registry.collect()
+                for sample in metric.samples
+                if sample.name == name and sample.labels.get(label) and sample.value
+                and sample.labels.get("method", "ModelInfer") == "ModelInfer"
+            }  # fmt: skip
+
+        stub.ModelInfer(request(), timeout=30)  # warm
+        ahead = [stub.ModelInfer.future(request(), timeout=30) for _ in range(12)]
+        while not by("cnnserve_inference_requests_total", "outcome").get("success", 0) > 1:
+            time.sleep(0.005)  # the queue is busy: the next call waits behind 10 others
+        with pytest.raises(grpc.RpcError) as late:
+            stub.ModelInfer(request(), timeout=0.05)
+        assert late.value.code() == Code.DEADLINE_EXCEEDED
+        for call in ahead:
+            call.result()
+        time.sleep(0.2)  # the server notes a cancel just after the client
+        outcomes = by("cnnserve_inference_requests_total", "outcome")
+        assert outcomes == {"success": 13, "deadline_exceeded": 1}
+        assert by("cnnserve_grpc_requests_total", "code") == {"OK": 13, "DEADLINE_EXCEEDED": 1}

@@ -142,7 +142,7 @@ class ClassifierServicer(classification_pb2_grpc.ImageClassifierServicer):
             arrays = await asyncio.gather(
                 *(self._image(model, i, data, params) for i, data in enumerate(request.images))
             )
-            deadline = deadline_ns(context, model.default_timeout_us)
+            deadline = seen.deadline_ns = deadline_ns(context, model.default_timeout_us)
             batch = np.stack(arrays)
             del arrays
             result = await model.infer({model.inputs[0].name: batch}, len(batch), deadline)

@@ -119,7 +119,10 @@ class _Outcome:
         if kind is None or issubclass(kind, grpc.aio.AbortError):
             code = _final_code(self._context)
         elif issubclass(kind, (asyncio.CancelledError, GeneratorExit)):
-            code = grpc.StatusCode.CANCELLED
+            # gRPC cancels the handler both when the client cancels and at the deadline.
+            remaining = self._context.time_remaining()
+            late = remaining is not None and remaining <= 0
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.CANCELLED
         else:
             code = grpc.StatusCode.UNKNOWN
         self._counter.count(self._method, code)

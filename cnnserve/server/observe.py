@@ -28,6 +28,7 @@ log = logging.getLogger("cnnserve.requests")
 class Observation:
     rows: int = 0
     results: Sequence[JobResult] = field(default_factory=list)
+    deadline_ns: int | None = None  # set once known: a cancel after it is a timeout
 
     def succeeded(self, rows: int, results: Sequence[JobResult]) -> None:
         self.rows = rows
@@ -93,6 +94,9 @@ class Observe(Generic[M]):
         seen, version = self._seen, self._version
         if error is not None:
             outcome = _outcome(error)
+            deadline = seen.deadline_ns
+            if outcome == "cancelled" and deadline is not None and time.monotonic_ns() >= deadline:
+                outcome = "deadline_exceeded"  # gRPC cancels the call when its deadline passes
         else:  # a block that ends without `succeeded` is a bug, not a success
             outcome = "success" if seen.results else "internal"
         if len(seen.results) == 1:

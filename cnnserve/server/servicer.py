@@ -191,11 +191,8 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             log_rate=self.request_log_rate,
         ) as (model, seen):
             decoded = model.decoder.decode(request)
-            result = await model.infer(
-                decoded.inputs,
-                decoded.rows,
-                deadline_ns(context, decoded.timeout_us or model.default_timeout_us),
-            )
+            seen.deadline_ns = deadline_ns(context, decoded.timeout_us or model.default_timeout_us)
+            result = await model.infer(decoded.inputs, decoded.rows, seen.deadline_ns)
             response = pb.ModelInferResponse(
                 model_name=model.name, model_version=str(model.version), id=request.id
             )

@@ -35,6 +35,20 @@ S = TypeVar("S", bound=Guarded)
 Handler = Callable[[S, Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> None:
+    """End the call with this status. A call already over (its deadline passed, or its
+    client left) has nobody to tell: gRPC would fail to send, so it ends as cancelled."""
+    if not context.done():
+        try:
+            await context.abort(code, details)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            if not context.done():
+                raise
+    raise asyncio.CancelledError
+
+
 def rpc(method: str) -> Callable[[Handler[S]], Handler[S]]:
     def wrap(handler: Handler[S]) -> Handler[S]:
         @functools.wraps(handler)
@@ -44,13 +58,15 @@ def rpc(method: str) -> Callable[[Handler[S]], Handler[S]]:
                     raise errors.ServerDraining("the server is shutting down")
                 return await handler(self, request, context)
             except errors.CnnserveError as exc:
-                await context.abort(code_for(exc), str(exc))
+                await _abort(context, code_for(exc), str(exc))
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception:
                 log.exception("%s failed", method)
-                await context.abort(
-                    grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log"
+                await _abort(
+                    context,
+                    grpc.StatusCode.INTERNAL,
+                    f"internal error in {method}; see the server log",
                 )
 
         return guarded
