@@ -302,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     args.json.write_text(json.dumps(run.results, indent=2) + "\n")
     args.output.write_text(report.markdown(run.results))
     for t in run.results["targets"]:
-        run.say(f"{report._met(t['met'])}: {t['target']}: {t['value']} ({t['need']})")
+        value = t["detail"] if t["value"] is None else t["value"]
+        run.say(f"{report._met(t['met'])}: {t['target']}: {value} ({t['need']})")
     run.say(f"wrote {args.output} and {args.json}")
     return 0
 
