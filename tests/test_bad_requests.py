@@ -107,6 +107,7 @@ CASES: list[tuple[str, Callable[[], pb.ModelInferRequest], Code, str]] = [
     ("empty model name", lambda: request(model=""), Code.INVALID_ARGUMENT, "model_name"),
     ("unknown version", lambda: request(model_version="9"), Code.NOT_FOUND, "version 9"),
     ("bad version", lambda: request(model_version="v1"), Code.INVALID_ARGUMENT, "version"),
+    ("superscript version", lambda: request(model_version="²"), Code.INVALID_ARGUMENT, "version"),
     ("unknown input", lambda: request(name="z"), Code.INVALID_ARGUMENT, "unknown input"),
     ("missing input", lambda: pb.ModelInferRequest(model_name="tiny"), Code.INVALID_ARGUMENT,
      "missing inputs"),

@@ -335,3 +335,16 @@ def test_a_load_model_not_in_the_repository_stops_the_start(tmp_path: Path) -> N
         server_in_thread(tmp_path, load_model=("tiny", "tiyn")),
     ):
         pass
+
+
+def test_a_version_folder_that_is_not_a_number_is_ignored(tmp_path: Path) -> None:
+    """As Triton does; "²" passes str.isdigit but is not a version."""
+    write_tiny(tmp_path)
+    odd = tmp_path / "tiny" / "²"
+    odd.mkdir()
+    shutil.copy(tmp_path / "tiny" / "1" / "model.onnx", odd / "model.onnx")
+    with server_in_thread(tmp_path) as srv:
+        client = tc.InferenceServerClient(srv.url)
+        assert client.is_model_ready("tiny", "1")
+        index = client.get_model_repository_index().models
+        assert [(m.name, m.version, m.state) for m in index] == [("tiny", "1", "READY")]

@@ -206,7 +206,8 @@ class Soak:
 
     def reload(self) -> None:
         model_dir = self.repository / self.args.model
-        versions = sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit())
+        names = [p.name for p in model_dir.iterdir()]
+        versions = sorted(int(n) for n in names if n.isascii() and n.isdigit())
         shutil.copytree(model_dir / str(versions[-1]), model_dir / str(versions[-1] + 1))
         for old in versions[:-2]:  # delete old folders, possibly while they still serve
             shutil.rmtree(model_dir / str(old), ignore_errors=True)

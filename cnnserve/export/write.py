@@ -49,7 +49,8 @@ def versions(model_dir: Path) -> list[int]:
     """The numeric version folders of a model, as Triton counts them."""
     if not model_dir.is_dir():
         return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    names = [p.name for p in model_dir.iterdir() if p.is_dir()]
+    return sorted(int(n) for n in names if n.isascii() and n.isdigit())
 
 
 def latest_model(model_dir: Path, what: str) -> Path:

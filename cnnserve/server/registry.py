@@ -83,7 +83,7 @@ class Registry:
             raise ModelNotReady(f"model {name!r} is not ready: {why}")
         if not version:
             return model.versions[max(model.versions)]
-        if not version.isdigit():
+        if not (version.isascii() and version.isdigit()):
             raise InvalidInput(f"model version must be a positive integer, not {version!r}")
         found = model.versions.get(int(version))
         if found is None:

@@ -76,10 +76,15 @@ def parse_config(text: str, origin: str) -> mc.ModelConfig:
         return config
 
 
+def _numeric(name: str) -> bool:
+    """A version folder's name: ASCII digits only ("²" is a digit to str.isdigit, not to int)."""
+    return name.isascii() and name.isdigit()
+
+
 def _version_folders(model_dir: Path, model_file: str) -> dict[int, Path]:
     found = {}
     for p in model_dir.iterdir():
-        if p.is_dir() and p.name.isdigit() and int(p.name) > 0 and (p / model_file).is_file():
+        if p.is_dir() and _numeric(p.name) and int(p.name) > 0 and (p / model_file).is_file():
             found[int(p.name)] = p / model_file
     return found
 
