@@ -348,3 +348,28 @@ def test_a_version_folder_that_is_not_a_number_is_ignored(tmp_path: Path) -> Non
         assert client.is_model_ready("tiny", "1")
         index = client.get_model_repository_index().models
         assert [(m.name, m.version, m.state) for m in index] == [("tiny", "1", "READY")]
+
+
+def test_load_unload_load_in_a_row_ends_loaded_and_the_server_stops(tmp_path: Path) -> None:
+    """Calls that queue behind a load run in order; the last one decides, and no version is
+    left behind (the second load used to fill an entry the unload had dropped, and the
+    stop then waited forever on a version retired twice)."""
+    import asyncio
+
+    write_tiny(tmp_path)
+    with server_in_thread(tmp_path, model_control_mode="explicit") as srv:
+        registry = srv.server.registry
+
+        async def in_a_row() -> None:
+            load = asyncio.create_task(registry.load("tiny"))
+            await asyncio.sleep(0)  # the load holds the model's lock, loading in a thread
+            await asyncio.gather(load, registry.unload("tiny"), registry.load("tiny"))
+
+        asyncio.run_coroutine_threadsafe(in_a_row(), srv.loop).result(60)
+        client = tc.InferenceServerClient(srv.url)
+        assert client.is_model_ready("tiny")
+        x = tc.InferInput("x", [1, 4], "FP32")
+        x.set_data_from_numpy(np.ones((1, 4), np.float32))
+        assert client.infer("tiny", [x]).as_numpy("y").shape == (1, 3)
+        stopped = asyncio.run_coroutine_threadsafe(srv.server.stop(grace=1), srv.loop)
+        stopped.result(30)  # before the fix: never

@@ -51,6 +51,9 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
     return pool
 
 
+CLOSE_MARGIN_S = 30.0  # after the grace period, for running batches to end and sessions to close
+
+
 class StartupError(Exception):
     """A port the server cannot listen on: reported in one line, and the process exits 1."""
 
@@ -225,7 +228,13 @@ class Server:
             task.cancel()
         if self._grpc is not None:
             await self._grpc.stop(grace)
-        await self.registry.close()
+        # The calls are over by now; what is left is queued work and running batches.
+        try:
+            await asyncio.wait_for(self.registry.close(), timeout=grace + CLOSE_MARGIN_S)
+        except TimeoutError:
+            log.error(
+                "the models did not close within %.0fs; stopping anyway", grace + CLOSE_MARGIN_S
+            )
         self.classifier.close()
         if self._http is not None:
             self._http.shutdown()  # type: ignore[attr-defined]

@@ -125,6 +125,7 @@ class ModelVersion:
         self._in_use = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._closed: asyncio.Future[None] | None = None
         self.runners = self._create_runners(source, version)
         try:
             self._describe()
@@ -309,7 +310,13 @@ class ModelVersion:
         )
 
     async def close(self) -> None:
-        """Drain: wait for callers, finish queued work, then free the sessions."""
+        """Drain: wait for callers, finish queued work, then free the sessions. Closing
+        twice waits for the one drain."""
+        if self._closed is None:
+            self._closed = asyncio.ensure_future(self._drain())
+        await asyncio.shield(self._closed)
+
+    async def _drain(self) -> None:
         await self._idle.wait()
         if self.batcher is not None:
             await self.batcher.close()

@@ -120,14 +120,18 @@ class Registry:
     async def load(self, name: str) -> None:
         """Load or reload `name`; the old versions serve until the new ones are warm."""
         check_model_name(name)
-        model = self._models.setdefault(name, _Model(name))
-        async with model.lock:
-            model.loading = True
-            try:
-                await self._load_locked(model)
-            finally:
-                model.loading = False
-                self._on_change(name, bool(model.versions))
+        while True:
+            model = self._models.setdefault(name, _Model(name))
+            async with model.lock:
+                if self._models.get(name) is not model:
+                    continue  # unloaded while this load waited: load into the current entry
+                model.loading = True
+                try:
+                    await self._load_locked(model)
+                finally:
+                    model.loading = False
+                    self._on_change(name, bool(model.versions))
+                return
 
     async def _load_locked(self, model: _Model) -> None:
         try:
@@ -193,7 +197,9 @@ class Registry:
         async with model.lock:
             for version in model.versions.values():
                 self._retire(version)
-            self._models.pop(name, None)
+            model.versions, model.failed = {}, {}
+            if self._models.get(name) is model:
+                del self._models[name]
             self._on_change(name, False)
 
     async def load_many(self, names: list[str]) -> None:
