@@ -87,6 +87,13 @@ def test_bad_settings_are_refused_with_a_reason(env: dict[str, str], words: str)
         parse(env=env)
 
 
+def test_a_token_file_without_a_token_is_refused(tmp_path: Path) -> None:
+    empty = tmp_path / "tokens"
+    empty.write_text("\n  \n")
+    with pytest.raises(ValueError, match=f"--auth-token-file {empty}: holds no token"):
+        parse("--auth-token-file", str(empty))
+
+
 def test_a_certificate_that_is_not_one_is_refused_before_the_port_opens(tmp_path: Path) -> None:
     garbage = tmp_path / "cert.pem"
     garbage.write_text("not a certificate\n")

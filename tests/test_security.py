@@ -112,6 +112,14 @@ def test_bearer_token_is_required_and_health_stays_open(repo: Path, tmp_path: Pa
         refused = {"method": "ModelInfer", "code": "UNAUTHENTICATED"}
         assert calls("cnnserve_grpc_requests_total", refused) == 3
         assert calls("cnnserve_grpc_requests_total", {"method": "ModelInfer", "code": "OK"}) == 2
+        tokens.unlink()  # gone mid-rotation: the last tokens stay in force
+        time.sleep(1.1)
+        assert infer(client, headers=good).shape == (1, 3)
+        assert status(lambda: infer(client, headers=old)) == "StatusCode.UNAUTHENTICATED"
+        tokens.write_text("\n")  # emptied: nobody gets in, rather than everybody
+        time.sleep(1.1)
+        assert status(lambda: infer(client, headers=good)) == "StatusCode.UNAUTHENTICATED"
+        assert status(lambda: infer(client)) == "StatusCode.UNAUTHENTICATED"
 
 
 def test_closed_health_needs_the_token_too(repo: Path, tmp_path: Path) -> None:

@@ -144,6 +144,13 @@ class Settings:
             path = getattr(self, name)
             if path is not None and not path.is_file():
                 raise ValueError(f"--{name.replace('_', '-')} {path}: no such file")
+        for name in ("auth_token_file", "admin_token_file"):
+            path = getattr(self, name)
+            if path is not None and not path.read_bytes().split():
+                raise ValueError(f"--{name.replace('_', '-')} {path}: holds no token")
+        self._check_tls()
+
+    def _check_tls(self) -> None:
         if self.tls_cert is not None and self.tls_key is not None:
             # gRPC would only say that the port could not be bound.
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

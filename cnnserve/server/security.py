@@ -65,9 +65,15 @@ class WatchedFile:
             return False
         return self._stamp != before
 
+    def current(self) -> bytes:
+        """The content, re-read at most once a second; a file gone or unreadable keeps
+        the last content it had."""
+        self.changed()
+        return self._content
+
 
 def _tokens(file: WatchedFile) -> list[bytes]:
-    return [line.strip() for line in file.read().splitlines() if line.strip()]
+    return [line.strip() for line in file.current().splitlines() if line.strip()]
 
 
 def server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.ServerCredentials:
@@ -151,12 +157,17 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         if self._open_health and method.startswith(OPEN_SERVICES):
             return None
         token = self._presented(details)
-        admins = _tokens(self._admins) if self._admins else []
-        users = _tokens(self._users) if self._users else []
-        is_admin = token is not None and self._matches(token, admins)
-        if users and not is_admin and (token is None or not self._matches(token, users)):
+        # A configured file that holds no token (emptied during a rotation) lets nobody in.
+        admins = _tokens(self._admins) if self._admins else None
+        users = _tokens(self._users) if self._users else None
+        is_admin = token is not None and admins is not None and self._matches(token, admins)
+        if (
+            users is not None
+            and not is_admin
+            and (token is None or not self._matches(token, users))
+        ):
             return grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token"
-        if method in ADMIN_METHODS and admins and not is_admin:
+        if method in ADMIN_METHODS and admins is not None and not is_admin:
             if token is None:
                 return grpc.StatusCode.UNAUTHENTICATED, "repository control needs a bearer token"
             return grpc.StatusCode.PERMISSION_DENIED, "repository control needs the admin token"
