@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -210,3 +211,25 @@ def test_request_log_records_each_outcome(tmp_path: Path, caplog: pytest.LogCapt
     assert len(bad["request_id"]) == 32  # none was sent: a generated one
     assert "queue_ms" not in bad
     assert bad["duration_ms"] >= 0
+
+
+def test_a_reload_of_the_same_version_keeps_counting_in_its_series(tmp_path: Path) -> None:
+    """The reloaded copy of version 1 takes over the series while the copy it replaces
+    drains; that drain used to delete them for good."""
+    write_tiny(tmp_path)
+    with server_in_thread(tmp_path, model_control_mode="explicit", load_model=("tiny",)) as srv:
+        client = tc.InferenceServerClient(srv.url)
+        for rows in (1, 2, 3):
+            infer(client, rows)
+        client.load_model("tiny")  # the same version 1, loaded again
+        give_up = time.monotonic() + 10
+        while srv.server.registry._retiring and time.monotonic() < give_up:
+            time.sleep(0.02)  # until the replaced copy has drained
+        assert not srv.server.registry._retiring
+        for rows in (1, 1, 2, 2):
+            infer(client, rows)
+        client.close()
+        m = scrape(srv)
+        assert value(m, "cnnserve_inference_requests_total", **TINY, outcome="success") == 7
+        assert value(m, "cnnserve_inference_request_duration_seconds_count", **TINY) == 7
+        assert value(m, "cnnserve_inference_batch_size_sum", **TINY) == 12

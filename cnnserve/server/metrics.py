@@ -277,6 +277,7 @@ class Metrics:
             registry=r,
         )
         self._series: dict[tuple[str, str], VersionSeries] = {}
+        self._holders: dict[tuple[str, str], int] = {}  # loaded copies using each version's series
         self._labelled = (
             self.request_duration,
             self.queue_duration,
@@ -291,15 +292,25 @@ class Metrics:
         self.registry.register(_StateCollector(states))
 
     def series(self, model: str, version: str) -> VersionSeries:
-        """The version's series, made on first use and kept until `forget`."""
-        found = self._series.get((model, version))
+        """The version's series, made on first use and kept until every loaded copy of
+        that version is forgotten: a reload of the same version number goes on counting
+        in them while the copy it replaces drains."""
+        key = (model, version)
+        found = self._series.get(key)
         if found is None:
-            found = self._series[(model, version)] = VersionSeries(self, model, version)
+            found = self._series[key] = VersionSeries(self, model, version)
+        self._holders[key] = self._holders.get(key, 0) + 1
         return found
 
     def forget(self, model: str, version: str) -> None:
-        """Drop an unloaded version's series so that none go stale."""
-        self._series.pop((model, version), None)
+        """An unloaded copy of the version is gone; with the last, its series go, so that
+        none go stale."""
+        key = (model, version)
+        self._holders[key] = self._holders.get(key, 1) - 1
+        if self._holders[key] > 0:
+            return
+        del self._holders[key]
+        self._series.pop(key, None)
         for family in self._labelled:
             with contextlib.suppress(KeyError):
                 family.remove(model, version)
