@@ -211,3 +211,21 @@ def test_adapter_publishes_the_hpa_metric_from_exported_series() -> None:
     wanted = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"}
     assert wanted
     assert wanted <= published
+
+
+def test_label_values_matched_are_values_the_server_writes() -> None:
+    """PromQL matches label values case-sensitively: an `outcome` the server never writes
+    (it writes "success" or a status code name in lower case) leaves an alert silent."""
+    import grpc
+
+    written = {
+        "outcome": {"success"} | {c.name.lower() for c in grpc.StatusCode},
+        "code": {c.name for c in grpc.StatusCode},
+    }
+    text = (DEPLOY / "prometheus" / "rules.yaml").read_text()
+    text += (DEPLOY / "grafana" / "cnnserve.json").read_text().replace('\\"', '"')
+    matched = re.findall(r"\b(outcome|code)\s*(?:=~|!~|!=|=)\s*\"([^\"]*)\"", text)
+    assert {label for label, _ in matched} == {"outcome", "code"}, matched
+    for label, pattern in matched:
+        for value in pattern.split("|"):
+            assert value in written[label], f"{label}={value!r} is never written"
