@@ -341,3 +341,22 @@ def test_warmup_reads_data_files_and_a_missing_one_is_the_reason(tmp_path: Path)
         assert index["cold"]["state"] == "UNAVAILABLE"
         assert "x.bin" in index["cold"]["reason"]
         c.close()
+
+
+def test_a_version_that_failed_to_load_reads_not_ready_in_the_metrics(server: Running) -> None:
+    """The readiness alerts look for cnnserve_model_ready == 0: a failed version must have
+    that series, not none."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    ready = {
+        (s.labels["model"], s.labels["version"]): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "cnnserve_model_ready"
+    }
+    assert ready[("tiny", "1")] == 1
+    assert ready[("broken", "1")] == 0

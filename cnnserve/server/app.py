@@ -256,7 +256,7 @@ async def serve(settings: Settings) -> int:
         return 1
     for e in server.registry.index():
         log.info("model %s version %s: %s %s", e.name, e.version or "-", e.state, e.reason)
-    for state in server.registry.states():
+    for state in (s for s in server.registry.states() if s.ready):
         log.info("serving %s version %s on %s", state.model, state.version, state.provider)
     log.info(
         "listening: gRPC %s:%d, metrics %s",

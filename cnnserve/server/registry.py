@@ -275,6 +275,13 @@ class Registry:
         return [e for e in entries if e.state == READY] if ready_only else entries
 
     def states(self) -> Iterator[VersionState]:
+        """Every loaded version, and (not ready) each version that failed to load, or the
+        model itself (version "") while it loads or when it failed as a whole."""
         for model in self._models.values():
             for loaded in model.versions.values():
                 yield loaded.state()
+            for v in sorted(model.failed):
+                if v not in model.versions:
+                    yield VersionState(model.name, str(v), False, 0, 0.0, "")
+            if not model.versions and not model.failed:
+                yield VersionState(model.name, "", False, 0, 0.0, "")
