@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import urllib.request
@@ -211,6 +212,20 @@ def test_request_log_records_each_outcome(tmp_path: Path, caplog: pytest.LogCapt
     assert len(bad["request_id"]) == 32  # none was sent: a generated one
     assert "queue_ms" not in bad
     assert bad["duration_ms"] >= 0
+
+
+def test_both_log_formats_carry_the_request_fields() -> None:
+    from cnnserve.server.logs import JsonFormatter, TextFormatter
+
+    record = logging.LogRecord(
+        "cnnserve.requests", logging.INFO, "", 0, "request %s", ("ok",), None
+    )
+    fields = {"request_id": "r-1", "model": "tiny", "version": "1", "duration_ms": 1.5}
+    record.__dict__.update(fields)
+    line = TextFormatter().format(record)
+    assert line.endswith(" cnnserve.requests: request ok request_id=r-1 model=tiny version=1 "
+                         "duration_ms=1.5")  # fmt: skip
+    assert fields.items() <= json.loads(JsonFormatter().format(record)).items()
 
 
 def test_a_reload_of_the_same_version_keeps_counting_in_its_series(tmp_path: Path) -> None:
