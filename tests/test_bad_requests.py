@@ -363,3 +363,32 @@ dynamic_batching { }
         outcomes = by("cnnserve_inference_requests_total", "outcome")
         assert outcomes == {"success": 13, "deadline_exceeded": 1}
         assert by("cnnserve_grpc_requests_total", "code") == {"OK": 13, "DEADLINE_EXCEEDED": 1}
+
+
+def test_a_classify_call_past_its_deadline_while_decoding_is_deadline_exceeded(
+    tmp_path: Path,
+) -> None:
+    import io
+
+    from PIL import Image
+
+    from cnnserve.v1 import classification_pb2 as cpb
+    from cnnserve.v1 import classification_pb2_grpc as crpc
+    from tests.tiny import write_tiny_image
+
+    write_tiny_image(tmp_path)
+    buffer = io.BytesIO()
+    Image.new("RGB", (6000, 6000), (90, 120, 30)).save(buffer, "PNG")  # slow to decode
+    request = cpb.ClassifyRequest(model_name="pixels", images=[buffer.getvalue()])
+    with server_in_thread(tmp_path) as running, grpc.insecure_channel(running.url) as channel:
+        with pytest.raises(grpc.RpcError) as error:
+            crpc.ImageClassifierStub(channel).Classify(request, timeout=0.05)
+        assert error.value.code() == Code.DEADLINE_EXCEEDED
+        registry = running.server.metrics.registry
+        late = {"model": "pixels", "version": "1", "outcome": "deadline_exceeded"}
+        give_up = time.monotonic() + 10
+        while time.monotonic() < give_up:  # the server notes the cancel after the client
+            if registry.get_sample_value("cnnserve_inference_requests_total", late):
+                break
+            time.sleep(0.05)
+        assert registry.get_sample_value("cnnserve_inference_requests_total", late) == 1

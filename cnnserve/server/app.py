@@ -258,11 +258,13 @@ async def serve(settings: Settings) -> int:
         log.info("model %s version %s: %s %s", e.name, e.version or "-", e.state, e.reason)
     for state in (s for s in server.registry.states() if s.ready):
         log.info("serving %s version %s on %s", state.model, state.version, state.provider)
+    scheme = "https" if settings.metrics_tls == "true" else "http"
+    metrics = f"{scheme}://{settings.host}:{server.metrics_port}/metrics"
     log.info(
         "listening: gRPC %s:%d, metrics %s",
         settings.host,
         server.grpc_port,
-        f"http://{settings.host}:{server.metrics_port}/metrics" if server._http else "off",
+        metrics if server._http else "off",
     )
     await stop.wait()
     log.info("shutting down: draining for up to %.0fs", settings.grace_period_secs)

@@ -139,10 +139,11 @@ class ClassifierServicer(classification_pb2_grpc.ImageClassifierServicer):
             log_rate=self.request_log_rate,
         ) as (model, seen):
             params, top_k = self._check(model, request.top_k)
+            seen.deadline_ns = deadline_ns(context, None)  # a cancel after it is a timeout
             arrays = await asyncio.gather(
                 *(self._image(model, i, data, params) for i, data in enumerate(request.images))
             )
-            deadline = seen.deadline_ns = deadline_ns(context, model.default_timeout_us)
+            deadline = deadline_ns(context, model.default_timeout_us)  # the queue's from here
             batch = np.stack(arrays)
             del arrays
             result = await model.infer({model.inputs[0].name: batch}, len(batch), deadline)
