@@ -174,3 +174,15 @@ def test_metrics_can_use_the_grpc_certificate(repo: Path, tmp_path: Path) -> Non
         plain = f"http://localhost:{srv.server.metrics_port}/metrics"
         with pytest.raises((urllib.error.URLError, ConnectionError)):
             urllib.request.urlopen(plain, timeout=10).close()
+        # Rotated: the next scrape gets the new certificate, without SNI too (by address).
+        fresh = Authority(tmp_path / "new", "new CA").issue("server", server=True)
+        time.sleep(1.1)  # the files are checked at most once a second
+        shutil.copy(fresh.cert, server.cert)
+        shutil.copy(fresh.key, server.key)
+        time.sleep(1.1)
+        rotated = ssl.create_default_context(cafile=str(tmp_path / "new" / "new_CA.pem"))
+        by_address = f"https://127.0.0.1:{srv.server.metrics_port}/metrics"
+        with urllib.request.urlopen(by_address, context=rotated, timeout=10) as response:
+            assert b"cnnserve_grpc_requests_total" in response.read()
+        with pytest.raises(urllib.error.URLError):  # the old CA no longer vouches for it
+            urllib.request.urlopen(url, context=context, timeout=10).close()

@@ -12,13 +12,17 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
+import threading
 from pathlib import Path
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
-from prometheus_client import start_http_server
+from prometheus_client import make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 import cnnserve.v1
 from cnnserve.server.classify import ClassifierServicer, ImageLimits
@@ -27,7 +31,7 @@ from cnnserve.server.counting import CallCounter
 from cnnserve.server.metrics import Metrics
 from cnnserve.server.registry import Registry
 from cnnserve.server.repository import list_models
-from cnnserve.server.security import TokenAuth, server_credentials
+from cnnserve.server.security import ReloadingTLS, TokenAuth, server_credentials
 from cnnserve.server.servicer import InferenceServicer
 from cnnserve.v1 import classification_pb2_grpc, grpc_service_pb2_grpc
 
@@ -52,6 +56,13 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
 
 
 CLOSE_MARGIN_S = 30.0  # after the grace period, for running batches to end and sessions to close
+
+
+class _Quiet(WSGIRequestHandler):
+    """A scrape is not worth a log line."""
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (the base's name)
+        pass
 
 
 class StartupError(Exception):
@@ -175,21 +186,28 @@ class Server:
             self._tasks.append(asyncio.create_task(self._poll_forever(), name="poll"))
 
     def _serve_metrics(self) -> None:
-        """Prometheus text on its own port, over HTTPS with the gRPC certificate if asked."""
+        """Prometheus text on its own port, over HTTPS with the gRPC certificate if asked
+        (re-read when its files change, as for gRPC)."""
         s = self.settings
-        tls = s.metrics_tls == "true" and s.tls_cert is not None
+        tls = None
+        if s.metrics_tls == "true" and s.tls_cert is not None and s.tls_key is not None:
+            tls = ReloadingTLS(s.tls_cert, s.tls_key)
         try:
-            httpd, _ = start_http_server(
-                s.metrics_port,
-                s.host,
-                registry=self.metrics.registry,
-                certfile=str(s.tls_cert) if tls else None,
-                keyfile=str(s.tls_key) if tls else None,
+            family = socket.getaddrinfo(s.host, s.metrics_port, type=socket.SOCK_STREAM)[0][0]
+
+            class Server(ThreadingWSGIServer):
+                address_family = family
+
+            httpd = make_server(
+                s.host, s.metrics_port, make_wsgi_app(self.metrics.registry), Server, _Quiet
             )
         except OSError as exc:
             raise StartupError(
                 f"cannot serve metrics on {s.host}:{s.metrics_port}: {exc.strerror or exc}"
             ) from exc
+        if tls is not None:
+            httpd.socket = tls.context.wrap_socket(httpd.socket, server_side=True)
+        threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
         self._http = httpd
         self.metrics_port = httpd.server_port
 

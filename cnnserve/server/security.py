@@ -14,6 +14,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -74,6 +75,38 @@ class WatchedFile:
 
 def _tokens(file: WatchedFile) -> list[bytes]:
     return [line.strip() for line in file.current().splitlines() if line.strip()]
+
+
+class ReloadingTLS:
+    """A TLS server context whose certificate and key are re-read when their files change.
+
+    The listening socket keeps one context; its `sni_callback` (which Python calls at
+    every handshake, with or without SNI) hands the handshake the context made from the
+    files as they are now. A rotation caught half done (a certificate without its key)
+    keeps the previous pair until both files agree.
+    """
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        self._cert, self._key = cert, key
+        self._files = [WatchedFile(cert), WatchedFile(key)]
+        self._current = self._load()
+        self.context = self._load()
+        self.context.sni_callback = self._pick
+
+    def _load(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self._cert, self._key)
+        return context
+
+    def _pick(self, connection: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
+        changed = [f.changed() for f in self._files]  # every file, so each records its stamp
+        if any(changed):
+            try:
+                self._current = self._load()
+                log.info("TLS files changed; new metrics connections use the new certificate")
+            except (ssl.SSLError, OSError) as exc:
+                log.warning("cannot load the changed TLS files (%s); keeping the previous", exc)
+        connection.context = self._current
 
 
 def server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.ServerCredentials:
