@@ -119,6 +119,7 @@ def test_corrupt_files_leave_everything_else_serving(poll_repo: Path) -> None:
         assert "cannot load" in entries["junk/1"]["reason"]
         assert entries["tiny/3"]["state"] == "UNAVAILABLE"
         assert entries["tiny/1"]["state"] == "READY"
+        assert entries["tiny/1"]["reason"].startswith("still serving; the last load failed")
         assert load.errors == []
         shutil.rmtree(poll_repo / "junk")
         wait_for(lambda: not any(k.startswith("junk/") for k in index()))
@@ -373,3 +374,26 @@ def test_load_unload_load_in_a_row_ends_loaded_and_the_server_stops(tmp_path: Pa
         assert client.infer("tiny", [x]).as_numpy("y").shape == (1, 3)
         stopped = asyncio.run_coroutine_threadsafe(srv.server.stop(grace=1), srv.loop)
         stopped.result(30)  # before the fix: never
+
+
+def test_versions_that_loaded_carry_no_blame_for_one_that_failed(tmp_path: Path) -> None:
+    """With every version served, a broken new one fails alone; the others loaded fine and
+    their index entries say nothing of it."""
+    from cnnserve.server.errors import ModelLoadError
+
+    config = TINY_CONFIG + "version_policy { all {} }\n"
+    write_tiny(tmp_path, config=config)
+    write_tiny(tmp_path, version=2, config=config)
+    with server_in_thread(tmp_path, model_control_mode="explicit", load_model=("tiny",)) as srv:
+        (tmp_path / "tiny" / "3").mkdir()
+        (tmp_path / "tiny" / "3" / "model.onnx").write_bytes(b"truncated")
+        srv.call(srv.server.registry.load("tiny"))  # 1 and 2 load again beside the broken 3
+        entries = {(e.version, e.state): e.reason for e in srv.server.registry.index()}
+        assert entries[("1", "READY")] == entries[("2", "READY")] == ""
+        assert "cannot load" in entries[("3", "UNAVAILABLE")]
+        (tmp_path / "tiny" / "config.pbtxt").write_text("max_batch_size: [")
+        with pytest.raises(ModelLoadError):
+            srv.call(srv.server.registry.load("tiny"))  # a broken config: all of them stay
+        reasons = [e.reason for e in srv.server.registry.index() if e.state == "READY"]
+        assert len(reasons) == 2
+        assert all(r.startswith("still serving; the last load failed") for r in reasons)

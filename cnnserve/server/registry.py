@@ -48,6 +48,7 @@ class _Model:
     reason: str = ""  # why the last load failed, if it did
     failed: dict[int, str] = field(default_factory=dict)
     fingerprint: tuple[object, ...] = ()
+    kept: set[int] = field(default_factory=set)  # old versions serving for a failed reload
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -142,6 +143,7 @@ class Registry:
             raise
         except ModelLoadError as exc:
             model.reason = str(exc)
+            model.kept = set(model.versions)  # all of them serve on, for a reload that failed
             model.fingerprint = ("error", str(exc))  # poll mode retries when this changes
             raise
         fresh: dict[int, ModelVersion] = {}
@@ -170,6 +172,7 @@ class Registry:
         keep = {v: m for v, m in model.versions.items() if v in failed or not fresh}
         retired = [m for v, m in model.versions.items() if v not in keep]
         model.versions = {**keep, **fresh}
+        model.kept = set(keep) - set(fresh)
         model.failed = failed
         model.fingerprint = source.fingerprint
         model.reason = "; ".join(f"version {v}: {why}" for v, why in sorted(failed.items()))
@@ -263,8 +266,9 @@ class Registry:
                 entries.append(IndexEntry(name, "", UNAVAILABLE, "unloaded"))
                 continue
             for v in sorted(model.versions):
-                # A ready version whose reload failed says why it is still the one serving.
-                why = f"still serving; the last load failed: {model.reason}" if model.reason else ""
+                # A version kept because its reload failed says why it is still serving.
+                kept = v in model.kept and model.reason
+                why = f"still serving; the last load failed: {model.reason}" if kept else ""
                 entries.append(IndexEntry(name, str(v), READY, why))
             for v, why in sorted(model.failed.items()):
                 if v not in model.versions:
