@@ -219,18 +219,27 @@ dynamic_batching { max_queue_delay_microseconds: 200000 default_queue_policy { m
         assert set(codes) <= {Code.OK, Code.RESOURCE_EXHAUSTED}
 
 
-def test_queue_policy_timeout_applies_to_requests_without_their_own(tmp_path: Path) -> None:
-    config = """
+@pytest.mark.parametrize("action", ["REJECT", "DELAY"])
+def test_queue_policy_timeout_applies_to_requests_without_their_own(
+    tmp_path: Path, action: str
+) -> None:
+    """REJECT (the default) fails a request still queued at the timeout; DELAY runs it."""
+    config = f"""
 max_batch_size: 1
-input { name: "x" data_type: TYPE_FP32 dims: [4] }
-output { name: "y" data_type: TYPE_FP32 dims: [3] }
-dynamic_batching { default_queue_policy { default_timeout_microseconds: 1000 } }
+input {{ name: "x" data_type: TYPE_FP32 dims: [4] }}
+output {{ name: "y" data_type: TYPE_FP32 dims: [3] }}
+dynamic_batching {{
+  default_queue_policy {{ default_timeout_microseconds: 1000 timeout_action: {action} }}
+}}
 """
     write_slow(tmp_path, "tiny", config, layers=32, width=1024)
     with server_in_thread(tmp_path) as running, grpc.insecure_channel(running.url) as channel:
         stub = rpc.GRPCInferenceServiceStub(channel)
         calls = [stub.ModelInfer.future(request(), timeout=60) for _ in range(6)]
         codes = [call.exception().code() if call.exception() else Code.OK for call in calls]
+    if action == "DELAY":
+        assert codes == [Code.OK] * 6
+        return
     assert Code.OK in codes
     assert Code.DEADLINE_EXCEEDED in codes
     assert set(codes) <= {Code.OK, Code.DEADLINE_EXCEEDED}

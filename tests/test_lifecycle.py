@@ -397,3 +397,37 @@ def test_versions_that_loaded_carry_no_blame_for_one_that_failed(tmp_path: Path)
         reasons = [e.reason for e in srv.server.registry.index() if e.state == "READY"]
         assert len(reasons) == 2
         assert all(r.startswith("still serving; the last load failed") for r in reasons)
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        ("dynamic_batching { preferred_batch_size: [4, 16] }", "must lie in 1..max_batch_size (8)"),
+        ("sequence_batching { }", "cannot serve a model with sequence_batching"),
+    ],
+)
+def test_a_config_that_would_be_served_otherwise_than_it_says_fails_to_load(
+    tmp_path: Path, extra: str, words: str
+) -> None:
+    """As Triton refuses them: served anyway, the model would not do what its config says."""
+    config = TINY_CONFIG.replace(
+        "dynamic_batching { max_queue_delay_microseconds: 2000 "
+        "default_queue_policy { max_queue_size: 64 } }\n",
+        "",
+    )
+    write_tiny(tmp_path, config=config + extra + "\n")
+    with server_in_thread(tmp_path) as srv:
+        [entry] = srv.server.registry.index()
+        assert entry.state == "UNAVAILABLE"
+        assert words in entry.reason
+
+
+def test_unsupported_config_fields_are_all_named_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_tiny(tmp_path, config=TINY_CONFIG + "optimization { }\nresponse_cache { enable: true }\n")
+    with server_in_thread(tmp_path, model_control_mode="poll", repository_poll_secs=0.05):
+        time.sleep(0.5)  # several scans, each reading the config again
+    warnings = [r.getMessage() for r in caplog.records if "ignoring fields" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].endswith("(optimization, response_cache)")

@@ -98,13 +98,16 @@ def _batching(config: mc.ModelConfig, default_queue: int) -> BatchingOptions:
     db = config.dynamic_batching
     dynamic = config.HasField("dynamic_batching") and config.max_batch_size > 0
     policy = db.default_queue_policy
+    if dynamic and any(not 0 < p <= config.max_batch_size for p in db.preferred_batch_size):
+        raise ModelLoadError(  # as Triton refuses it: the config would say what is not done
+            f"preferred_batch_size {list(db.preferred_batch_size)} must lie in "
+            f"1..max_batch_size ({config.max_batch_size})"
+        )
     return BatchingOptions(
         max_batch_size=config.max_batch_size,
         dynamic=dynamic,
         max_queue_delay_ns=db.max_queue_delay_microseconds * 1000,
-        preferred_batch_sizes=tuple(
-            sorted(p for p in db.preferred_batch_size if 0 < p <= config.max_batch_size)
-        ),
+        preferred_batch_sizes=tuple(sorted(db.preferred_batch_size)) if dynamic else (),
         max_queue_size=policy.max_queue_size or default_queue,
     )
 
@@ -132,7 +135,10 @@ class ModelVersion:
             self.batching = _batching(self.config, default_queue)
             policy = self.config.dynamic_batching.default_queue_policy
             # The queue policy's timeout applies to requests that carry none of their own.
-            self.default_timeout_us = policy.default_timeout_microseconds or None
+            # With timeout_action DELAY a request past it is still run, as in Triton (which
+            # also lowers its priority: this queue has one order, so it waits its turn).
+            delay = policy.timeout_action == mc.ModelQueuePolicy.DELAY
+            self.default_timeout_us = None if delay else policy.default_timeout_microseconds or None
             self._warm_up()
             if self._runs_inline():
                 if "intra_op_threads" not in self.parameters:

@@ -58,8 +58,29 @@ def list_models(repository: Path) -> list[str]:
     )
 
 
+# Triton config sections that change what serving means: ignoring one would serve the
+# model wrongly (a stateful sequence model as a stateless one), so a config with one fails.
+_UNSERVABLE = ("sequence_batching", "ensemble_scheduling")
+_TOKEN = re.compile(r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'|#[^\n]*|[{}<>\[\]:]|[A-Za-z_]\w*')
+_warned: set[str] = set()
+
+
+def _top_level_fields(text: str) -> list[str]:
+    """The field names at the top level of a text-format message."""
+    tokens = [t.group() for t in _TOKEN.finditer(text) if not t.group().startswith("#")]
+    names, depth = [], 0
+    for token, following in zip(tokens, [*tokens[1:], ""], strict=True):
+        if token in "{<[":
+            depth += 1
+        elif token in "}>]":
+            depth -= 1
+        elif depth == 0 and (token[0].isalpha() or token[0] == "_") and following in ":{<[":
+            names.append(token)
+    return names
+
+
 def parse_config(text: str, origin: str) -> mc.ModelConfig:
-    """Parse config.pbtxt; unknown fields are logged and ignored, other errors raise."""
+    """Parse config.pbtxt; unknown fields are logged (once) and ignored, other errors raise."""
     config = mc.ModelConfig()
     try:
         text_format.Parse(text, config)
@@ -67,12 +88,22 @@ def parse_config(text: str, origin: str) -> mc.ModelConfig:
     except text_format.ParseError as strict_error:
         if "has no field named" not in str(strict_error):
             raise ModelLoadError(f"{origin}: {strict_error}") from strict_error
+        known = set(mc.ModelConfig.DESCRIPTOR.fields_by_name)
+        unknown = sorted({f for f in _top_level_fields(text) if f not in known})
+        refused = [f for f in unknown if f in _UNSERVABLE]
+        if refused:
+            why = f"{origin}: cnnserve cannot serve a model with {refused[0]}"
+            raise ModelLoadError(why) from None
         config = mc.ModelConfig()
         try:
             text_format.Parse(text, config, allow_unknown_field=True)
         except text_format.ParseError as exc:
             raise ModelLoadError(f"{origin}: {exc}") from exc
-        log.warning("%s: ignoring fields cnnserve does not support (%s)", origin, strict_error)
+        what = ", ".join(unknown) if unknown else str(strict_error)
+        message = f"{origin}: ignoring fields cnnserve does not support ({what})"
+        if message not in _warned:  # a poll scan reads the config again and again
+            _warned.add(message)
+            log.warning("%s", message)
         return config
 
 
