@@ -85,10 +85,17 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(part) for part in text.split(","))
 
 
+# Grayscale modes PIL opens 16-bit PNGs in: 0..65535, which `convert` clips at 255.
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 def to_unit(image: Image.Image | bytes, params: PreprocessParams) -> np.ndarray:
     """Decode, convert, resize and crop; float32 CHW pixels in [0, 1], not yet normalised."""
     if isinstance(image, bytes | bytearray | memoryview):
         image = Image.open(io.BytesIO(image))
+    if image.mode in _SIXTEEN_BIT:  # PIL's convert would clip every value over 255
+        wide = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.rint(wide / 257.0).clip(0, 255).astype(np.uint8), "L")
     image = image.convert(params.color)
     width, height = image.size
     # The shorter side becomes `resize`; the longer one is truncated as in

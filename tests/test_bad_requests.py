@@ -401,3 +401,28 @@ def test_a_classify_call_past_its_deadline_while_decoding_is_deadline_exceeded(
                 break
             time.sleep(0.05)
         assert registry.get_sample_value("cnnserve_inference_requests_total", late) == 1
+
+
+def test_a_thin_image_that_resizing_would_blow_up_is_refused(tmp_path: Path) -> None:
+    """Its shorter side is resized up before the crop: 1x8000 pixels would become 8x64000
+    for this model, 256x2048000 (gigabytes) for an ImageNet one."""
+    import io
+
+    from PIL import Image
+
+    from cnnserve.v1 import classification_pb2 as cpb
+    from cnnserve.v1 import classification_pb2_grpc as crpc
+    from tests.tiny import write_tiny_image
+
+    write_tiny_image(tmp_path)  # resize 8, crop 8
+    buffer = io.BytesIO()
+    Image.new("L", (1, 8000)).save(buffer, "PNG")
+    request = cpb.ClassifyRequest(model_name="pixels", images=[buffer.getvalue()])
+    with (
+        server_in_thread(tmp_path, max_image_pixels=100_000) as running,
+        grpc.insecure_channel(running.url) as channel,
+    ):
+        with pytest.raises(grpc.RpcError) as error:
+            crpc.ImageClassifierStub(channel).Classify(request, timeout=30)
+        assert error.value.code() == Code.INVALID_ARGUMENT
+        assert (error.value.details() or "").startswith("image 0: 1x8000 pixels is too thin")

@@ -323,3 +323,10 @@ def test_lenet5_trained_on_mnist_reaches_98_5_percent(tmp_path: Path) -> None:
     result = export_model("lenet5", tmp_path, weights="pretrained", mnist_dir=MNIST_DIR)
     assert result.accuracy is not None
     assert result.accuracy >= 0.985
+
+
+def test_a_new_model_folder_is_readable_as_its_version_folder_is(lenet5_repository: Path) -> None:
+    """Staged in a private temporary folder, it must not stay private once in place: a
+    server running as another user reads it."""
+    model, version = lenet5_repository / "lenet5", lenet5_repository / "lenet5" / "1"
+    assert model.stat().st_mode & 0o777 == version.stat().st_mode & 0o777

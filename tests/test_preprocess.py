@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from cnnserve.export.catalog import IMAGENET, LENET
-from cnnserve.preprocess import PreprocessParams, preprocess
+from cnnserve.preprocess import PreprocessParams, preprocess, to_unit
 
 
 def photo(width: int, height: int, mode: str = "RGB") -> Image.Image:
@@ -70,3 +70,16 @@ def test_missing_parameter_is_named() -> None:
     del config["resize"]
     with pytest.raises(ValueError, match="resize"):
         PreprocessParams.from_config(config)
+
+
+def test_a_sixteen_bit_grayscale_png_keeps_its_content() -> None:
+    """PIL opens it as I;16, and converting that to L or RGB clips every value at 255."""
+    ramp = np.linspace(4000, 64000, 40 * 40).reshape(40, 40).astype(np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(ramp).save(buffer, "PNG")
+    for color, channels in (("L", 1), ("RGB", 3)):
+        params = PreprocessParams(
+            color=color, resize=40, crop=40, mean=(0.5,) * channels, std=(0.5,) * channels
+        )
+        unit = to_unit(buffer.getvalue(), params)
+        np.testing.assert_allclose(unit[0], np.rint(ramp / 257) / 255, atol=1e-6)

@@ -94,6 +94,10 @@ def commit(staged: Path, model_dir: Path, version: int) -> Path:
     """
     target = model_dir / str(version)
     if not model_dir.exists():
+        # mkdtemp made the staging folder private (0700); the model folder gets the mode
+        # its version folder was made with (the umask's), so that a server running as
+        # another user can read it.
+        os.chmod(staged, (staged / str(version)).stat().st_mode & 0o777)
         os.rename(staged, model_dir)
         staged.mkdir()  # for staging() to remove
         return target

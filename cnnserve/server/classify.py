@@ -59,6 +59,17 @@ def _decode(index: int, data: bytes, params: PreprocessParams, limits: ImageLimi
                 raise InvalidInput(
                     f"image {index}: {width}x{height} pixels, over the {limits.max_pixels} limit"
                 )
+            # The shorter side is resized to `resize` before the crop: a thin strip of a few
+            # pixels would become gigabytes there.
+            resized = (
+                params.resize * params.resize * max(width, height) // max(1, min(width, height))
+            )
+            if resized > limits.max_pixels:
+                raise InvalidInput(
+                    f"image {index}: {width}x{height} pixels is too thin: resized to "
+                    f"{params.resize} on its shorter side it would be over the "
+                    f"{limits.max_pixels}-pixel limit"
+                )
             if image.format not in {"JPEG", "PNG", "WEBP", "BMP"}:
                 raise InvalidInput(f"image {index}: {image.format} is not JPEG, PNG, WebP or BMP")
             image.load()
