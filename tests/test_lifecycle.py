@@ -431,3 +431,32 @@ def test_unsupported_config_fields_are_all_named_once(
     warnings = [r.getMessage() for r in caplog.records if "ignoring fields" in r.getMessage()]
     assert len(warnings) == 1
     assert warnings[0].endswith("(optimization, response_cache)")
+
+
+def test_calls_on_the_wire_at_sigterm_are_answered_not_cancelled(tmp_path: Path) -> None:
+    """gRPC's stop cancels calls it has received but not handed to a handler yet; the
+    server keeps them coming a moment so that each is answered (UNAVAILABLE is retried)."""
+    write_tiny(tmp_path / "repo")
+    with (
+        server_process(tmp_path / "repo", tmp_path / "server.log") as child,
+        grpc.insecure_channel(child.url) as channel,
+    ):
+        stub = rpc.GRPCInferenceServiceStub(channel)
+        request = pb.ModelInferRequest(model_name="tiny")
+        request.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+        request.raw_input_contents.append(np.ones(4, np.float32).tobytes())
+        stub.ModelInfer(request, timeout=30)  # warm connection
+        calls = []
+        stop_at = time.monotonic() + 0.3
+        while time.monotonic() < stop_at + 0.5:
+            calls += [stub.ModelInfer.future(request, timeout=30) for _ in range(64)]
+            if stop_at and time.monotonic() >= stop_at:
+                child.process.send_signal(signal.SIGTERM)
+                stop_at = 0.0
+            time.sleep(0.01)
+        codes = Counter(
+            call.exception().code().name if call.exception() else "OK" for call in calls
+        )
+        assert child.process.wait(60) == 0, child.log()
+    assert codes["OK"] > 0, codes
+    assert set(codes) <= {"OK", "UNAVAILABLE"}, codes

@@ -55,6 +55,7 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
     return pool
 
 
+DRAIN_LEAD_S = 0.5  # on shutdown, calls already received reach a handler before gRPC stops
 CLOSE_MARGIN_S = 30.0  # after the grace period, for running batches to end and sessions to close
 
 
@@ -245,7 +246,12 @@ class Server:
         for task in self._tasks:
             task.cancel()
         if self._grpc is not None:
-            await self._grpc.stop(grace)
+            # gRPC's stop cancels calls it has received but not yet handed to a handler.
+            # Kept open a moment longer, it hands them over, and the handlers answer them
+            # UNAVAILABLE (which clients retry) while in-flight ones go on.
+            lead = min(DRAIN_LEAD_S, grace)
+            await asyncio.sleep(lead)
+            await self._grpc.stop(grace - lead)
         # The calls are over by now; what is left is queued work and running batches.
         try:
             await asyncio.wait_for(self.registry.close(), timeout=grace + CLOSE_MARGIN_S)
