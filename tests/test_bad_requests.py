@@ -426,3 +426,66 @@ def test_a_thin_image_that_resizing_would_blow_up_is_refused(tmp_path: Path) -> 
             crpc.ImageClassifierStub(channel).Classify(request, timeout=30)
         assert error.value.code() == Code.INVALID_ARGUMENT
         assert (error.value.details() or "").startswith("image 0: 1x8000 pixels is too thin")
+
+
+def test_a_stream_message_that_does_not_parse_ends_the_stream_invalid_argument(
+    tmp_path: Path,
+) -> None:
+    """The answers to the messages before it still come; the stream then ends with a status
+    (it used to hang, dropping the messages after)."""
+    from cnnserve.v1 import classification_pb2 as cpb
+
+    write_tiny(tmp_path)
+    good = request().SerializeToString()
+    with server_in_thread(tmp_path) as running, grpc.insecure_channel(running.url) as channel:
+        infer = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            request_serializer=None,  # bytes as they are
+            response_deserializer=pb.ModelStreamInferResponse.FromString,
+        )
+        answers: list[pb.ModelStreamInferResponse] = []
+        call = infer(iter([good] * 3 + [b"\xff\xff\xff\xff"] + [good] * 2), timeout=10)
+        with pytest.raises(grpc.RpcError) as error:
+            answers.extend(call)
+        assert error.value.code() == Code.INVALID_ARGUMENT
+        assert "not a ModelInferRequest" in (error.value.details() or "")
+        assert len(answers) == 3
+        assert not any(a.error_message for a in answers)
+        classify = channel.stream_stream(
+            "/cnnserve.v1.ImageClassifier/ClassifyStream",
+            request_serializer=None,
+            response_deserializer=cpb.ClassifyStreamResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as error:
+            list(classify(iter([b"\xff\xff\xff\xff"]), timeout=10))
+        assert error.value.code() == Code.INVALID_ARGUMENT
+
+
+def test_a_stream_whose_answers_are_not_read_stops_being_read(tmp_path: Path) -> None:
+    """Answers of 80 KB that the client never reads: the server reads a window of requests
+    and then waits, instead of computing all of them into its memory."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from cnnserve.server.servicer import STREAM_WINDOW
+
+    graph = helper.make_graph(
+        [helper.make_node("Tile", ["x", "reps"], ["y"])],
+        "wide",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 20000])],
+        [helper.make_tensor("reps", TensorProto.INT64, [2], [1, 5000])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    (tmp_path / "wide" / "1").mkdir(parents=True)
+    onnx.save(model, tmp_path / "wide" / "1" / "model.onnx")
+    sent = 3 * STREAM_WINDOW
+    with server_in_thread(tmp_path) as running, grpc.insecure_channel(running.url) as channel:
+        stream = rpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(
+            iter([request(model="wide")] * sent), timeout=60
+        )
+        time.sleep(3)  # the client reads nothing meanwhile
+        computed = running.server.registry.get("wide").stats.inference_count
+        assert computed < 2 * STREAM_WINDOW, computed
+        assert sum(1 for _ in stream) == sent  # and, read, every answer comes

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 from PIL import Image, UnidentifiedImageError
 
 from cnnserve.preprocess import PreprocessParams, preprocess
@@ -183,14 +184,20 @@ class ClassifierServicer(classification_pb2_grpc.ImageClassifierServicer):
     async def ClassifyStream(
         self, request_iterator: AsyncIterator[pb.ClassifyRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ClassifyStreamResponse]:
-        """One answer per request, in order; an error answers that request only."""
-        async for request in request_iterator:
-            try:
-                if self.draining:
-                    raise ServerDraining("the server is shutting down")
-                yield pb.ClassifyStreamResponse(response=await self.classify(request, context))
-            except CnnserveError as exc:
-                failed = pb.ClassifyStreamResponse(error_code=exc.code, error_message=str(exc))
-                failed.response.model_name = request.model_name
-                failed.response.id = request.id
-                yield failed
+        """One answer per request, in order; an error answers that request only. A message
+        that is not a ClassifyRequest ends the stream INVALID_ARGUMENT."""
+        try:
+            async for request in request_iterator:
+                try:
+                    if self.draining:
+                        raise ServerDraining("the server is shutting down")
+                    answer = await self.classify(request, context)
+                    yield pb.ClassifyStreamResponse(response=answer)
+                except CnnserveError as exc:
+                    failed = pb.ClassifyStreamResponse(error_code=exc.code, error_message=str(exc))
+                    failed.response.model_name = request.model_name
+                    failed.response.id = request.id
+                    yield failed
+        except DecodeError as exc:
+            why = f"a stream message is not a ClassifyRequest ({exc})"
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, why)

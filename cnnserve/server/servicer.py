@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from cnnserve import __version__
 from cnnserve.server import converters
@@ -44,6 +45,9 @@ def deadline_ns(context: grpc.aio.ServicerContext, timeout_us: int | None) -> in
     if timeout_us:
         limits.append(now + timeout_us * 1000)
     return min(limits) if limits else None
+
+
+STREAM_WINDOW = 256  # a stream's requests read and not yet answered, at most
 
 
 def too_large(size: int, limit: int) -> str:
@@ -214,18 +218,31 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         request_iterator: AsyncIterator[pb.ModelInferRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Requests run concurrently; each answer (or error) is sent as it completes."""
+        """Requests run concurrently; each answer (or error) is sent as it completes.
+
+        At most STREAM_WINDOW requests are read and not yet answered: a client that does
+        not read its answers stops the server reading its requests (gRPC's flow control
+        then holds the client back), rather than filling the server's memory. A message
+        that is not a ModelInferRequest ends the stream INVALID_ARGUMENT, once the
+        answers to the ones before it are sent.
+        """
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
+        window = asyncio.Semaphore(STREAM_WINDOW)
+        unreadable: list[str] = []
 
         async def one(request: pb.ModelInferRequest) -> None:
             await answers.put(await self._stream_answer(request, context))
 
         async def read() -> None:
-            async for request in request_iterator:
-                task = asyncio.create_task(one(request))
-                running.add(task)
-                task.add_done_callback(running.discard)
+            try:
+                async for request in request_iterator:
+                    await window.acquire()
+                    task = asyncio.create_task(one(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+            except DecodeError as exc:
+                unreadable.append(f"a stream message is not a ModelInferRequest ({exc})")
             while running:
                 await asyncio.gather(*list(running))
             await answers.put(None)
@@ -234,10 +251,13 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             while (answer := await answers.get()) is not None:
                 yield answer
+                window.release()
         finally:
             reader.cancel()
             for task in list(running):
                 task.cancel()
+        if unreadable:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, unreadable[0])
 
     async def _stream_answer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
