@@ -139,6 +139,8 @@ def test_infer_decodes_bytes_and_classification_outputs(client: Client) -> None:
     x = np.array([[0, 0, 0, 1]], dtype=np.float32)  # picks W's last row: 0.4, 0.5, 0.6
     top = client.infer("tiny", {"x": x}, class_count=2).as_numpy("y")
     assert top.tolist() == [[b"0.600000:2:gamma", b"0.500000:1:beta"]]
+    assert not echoed.flags.writeable  # read-only, as numeric outputs are
+    assert not top.flags.writeable
     with pytest.raises(InvalidArgument, match="datatype 'INT64'"):
         client.infer("tiny", {"x": x.astype(np.int64)})
 
@@ -515,3 +517,38 @@ def test_versions_may_be_given_as_numbers(client: Client, digits: Digits) -> Non
     assert answer.top.index == client.classify("lenet5", digits[0][0], version="1")[0].top.index
     image = np.zeros((1, 1, 32, 32), np.float32)
     assert client.infer("lenet5", [image], version=1).as_numpy("logits").shape == (1, 10)
+
+
+def test_images_in_any_form_the_readme_names_classify_alike(client: Client, digits: Digits) -> None:
+    png = digits[0][0].read_bytes()
+    expected = client.classify("lenet5", png)[0].top.index
+    for form in (bytearray(png), memoryview(png)):  # one image, not a list of ints
+        [answer] = client.classify("lenet5", form)
+        assert answer.top.index == expected
+    grey = np.asarray(Image.open(io.BytesIO(png)).convert("L"))
+    wide = Image.fromarray(grey.astype(np.int32))  # mode "I", which PNG cannot hold
+    assert wide.mode == "I"
+    assert client.classify("lenet5", wide)[0].top.index == expected
+
+
+def test_classify_splits_by_the_bytes_each_image_takes_on_the_wire(server: Running) -> None:
+    """Each image costs a few bytes of framing besides its own: 40,000 one-byte images
+    are 120 KB, not 40 KB, and a 100 KB message limit must split them."""
+    with (
+        Client(server.url, max_message_bytes=100_000) as small,
+        pytest.raises(InvalidArgument, match="^INVALID_ARGUMENT: image 0: "),
+    ):
+        small.classify("lenet5", [b"x"] * 40_000)  # refused by the server, not by gRPC
+
+
+def test_a_token_is_one_line(server: Running, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="a token is one line"):
+        Client(server.url, token="tokA\ntokB")
+    tokens = tmp_path / "tokens"
+    tokens.write_text("tokA\ntokB\n")
+    done = cli("models", "--url", server.url, "--token-file", str(tokens))
+    assert done.returncode != 0
+    assert (
+        done.stderr.strip()
+        == f"cnnserve models: error: --token-file {tokens} holds 2 tokens; give one"
+    )

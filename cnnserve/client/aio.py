@@ -121,14 +121,17 @@ class AsyncClient(BaseClient):
 
     async def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """Every model in the repository, with its state, reason and execution provider."""
+        deadline = self._connection.deadline(timeout)  # the whole call's, retries included
         request = pb.RepositoryIndexRequest()
-        index = await self._call(self._inference.RepositoryIndex, request, timeout)
+        index = await self._call(self._inference.RepositoryIndex, request, remaining(deadline))
         ready = [(m.name, m.version) for m in index.models if m.state == "READY"]
 
         async def provider(name: str, version: str) -> str:
             request = pb.ModelConfigRequest(name=name, version=version)
             try:
-                response = await self._call(self._inference.ModelConfig, request, timeout)
+                response = await self._call(
+                    self._inference.ModelConfig, request, remaining(deadline)
+                )
             except (NotFound, Unavailable):
                 return ""  # unloaded since the index was read
             return protocol.provider_of(response)
@@ -160,12 +163,13 @@ class AsyncClient(BaseClient):
         timeout: float | None = None,
     ) -> InferResult:
         """As `Client.infer`."""
+        deadline = self._connection.deadline(timeout)  # metadata look-ups included
         version = str(version)
         names = None
         if not isinstance(inputs, Mapping):
-            names = (await self._io_names(model, version, timeout))[0]
+            names = (await self._io_names(model, version, remaining(deadline)))[0]
         if class_count and outputs is None:
-            outputs = (await self._io_names(model, version, timeout))[1]
+            outputs = (await self._io_names(model, version, remaining(deadline)))[1]
         request = protocol.infer_request(
             model,
             protocol.named_inputs(inputs, names),
@@ -174,7 +178,7 @@ class AsyncClient(BaseClient):
             class_count=class_count,
             request_id=request_id,
         )
-        response = await self._call(self._inference.ModelInfer, request, timeout)
+        response = await self._call(self._inference.ModelInfer, request, remaining(deadline))
         return protocol.infer_result(response)
 
     async def classify(

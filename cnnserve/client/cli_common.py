@@ -43,9 +43,12 @@ def connect(args: argparse.Namespace) -> Client:
     """A client from the connection flags; OSError or ValueError say what is wrong."""
     token = None
     if args.token_file is not None:
-        token = args.token_file.read_text().strip()
-        if not token:
+        lines = args.token_file.read_text().split()
+        if not lines:
             raise ValueError(f"--token-file {args.token_file} is empty")
+        if len(lines) > 1:
+            raise ValueError(f"--token-file {args.token_file} holds {len(lines)} tokens; give one")
+        token = lines[0]
     if (args.cert is None) != (args.key is None):
         raise ValueError("--cert and --key go together")
     return Client(

@@ -108,6 +108,8 @@ def connect(
         raise ValueError("certificate_chain and private_key go together (mutual TLS)")
     if retries < 0 or backoff < 0:
         raise ValueError("retries and backoff must not be negative")
+    if token is not None and (not token.strip() or token != token.strip() or "\n" in token):
+        raise ValueError("a token is one line, without surrounding spaces")
     credentials = None
     if tls or root_certificates is not None or certificate_chain is not None:
         credentials = grpc.ssl_channel_credentials(

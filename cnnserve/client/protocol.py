@@ -27,7 +27,7 @@ from cnnserve.client.errors import InvalidArgument, ProtocolError
 from cnnserve.client.results import ClassifiedImage, ClassScore, InferResult, ModelInfo
 from cnnserve.v1 import classification_pb2, inference_pb2
 
-ImageLike: TypeAlias = "str | os.PathLike[str] | bytes | Image.Image"
+ImageLike: TypeAlias = "str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Image"
 Inputs: TypeAlias = "Mapping[str, Any] | Sequence[Any] | np.ndarray"
 Version: TypeAlias = "str | int"  # "" is the server's choice; 1 and "1" are the same
 
@@ -47,7 +47,7 @@ _WIRE: dict[str, np.dtype] = {
     "FP64": np.dtype("<f8"),
 }
 _BY_KIND = {(dtype.kind, dtype.itemsize): name for name, dtype in _WIRE.items()}
-_PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
+_PNG_MODES = {"1", "L", "LA", "I;16", "P", "RGB", "RGBA"}  # as Pillow writes them to PNG
 
 
 def datatype_of(array: np.ndarray) -> str:
@@ -109,7 +109,8 @@ def _split_bytes(raw: bytes, count: int) -> np.ndarray:
         items[i] = raw[at + 4 : at + 4 + n]
         at += 4 + n
     if at != len(raw):
-        raise ProtocolError(f"BYTES output: {len(raw) - at} bytes left after {count} elements")
+        raise ProtocolError(f"BYTES output: {len(raw)} bytes, not {at} for {count} elements")
+    items.flags.writeable = False  # read-only, as the numeric outputs are
     return items
 
 
@@ -140,7 +141,7 @@ def infer_result(response: Any) -> InferResult:
 
 def one_or_many(images: ImageLike | Iterable[ImageLike]) -> list[ImageLike]:
     # A path string is iterable too; one image must not become a list of characters.
-    if isinstance(images, str | bytes | os.PathLike | Image.Image):
+    if isinstance(images, str | bytes | bytearray | memoryview | os.PathLike | Image.Image):
         return [images]
     return list(images)
 
@@ -160,14 +161,18 @@ def encode_image(image: ImageLike) -> bytes:
     raise TypeError(f"cannot classify a {type(image).__name__}: give a path, bytes or PIL image")
 
 
+_FIELD_FRAMING = 6  # a repeated bytes field's tag and length, at most, per image
+
+
 def chunks(images: Sequence[bytes], budget: int) -> list[tuple[int, int]]:
     """(start, end) ranges of images whose bytes fit one message; at least one range."""
     ranges, start, size = [], 0, 0
     for i, data in enumerate(images):
-        if i > start and size + len(data) > budget:
+        framed = len(data) + _FIELD_FRAMING
+        if i > start and size + framed > budget:
             ranges.append((start, i))
             start, size = i, 0
-        size += len(data)
+        size += framed
     ranges.append((start, len(images)))
     return ranges
 

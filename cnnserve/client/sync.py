@@ -121,13 +121,15 @@ class Client(BaseClient):
 
     def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """Every model in the repository, with its state, reason and execution provider."""
-        index = self._call(self._inference.RepositoryIndex, pb.RepositoryIndexRequest(), timeout)
+        deadline = self._connection.deadline(timeout)  # the whole call's, retries included
+        request = pb.RepositoryIndexRequest()
+        index = self._call(self._inference.RepositoryIndex, request, remaining(deadline))
         providers = {}
         for m in index.models:
             if m.state == "READY":
-                request = pb.ModelConfigRequest(name=m.name, version=m.version)
+                config = pb.ModelConfigRequest(name=m.name, version=m.version)
                 try:
-                    response = self._call(self._inference.ModelConfig, request, timeout)
+                    response = self._call(self._inference.ModelConfig, config, remaining(deadline))
                 except (NotFound, Unavailable):
                     continue  # unloaded since the index was read
                 providers[(m.name, m.version)] = protocol.provider_of(response)
@@ -161,12 +163,13 @@ class Client(BaseClient):
         `outputs` limits the answer to those outputs; `class_count` > 0 asks for
         Triton's classification instead of the scores: BYTES "score:index:label".
         """
+        deadline = self._connection.deadline(timeout)  # metadata look-ups included
         version = str(version)
         names = None
         if not isinstance(inputs, Mapping):
-            names = self._io_names(model, version, timeout)[0]
+            names = self._io_names(model, version, remaining(deadline))[0]
         if class_count and outputs is None:
-            outputs = self._io_names(model, version, timeout)[1]
+            outputs = self._io_names(model, version, remaining(deadline))[1]
         request = protocol.infer_request(
             model,
             protocol.named_inputs(inputs, names),
@@ -175,7 +178,8 @@ class Client(BaseClient):
             class_count=class_count,
             request_id=request_id,
         )
-        return protocol.infer_result(self._call(self._inference.ModelInfer, request, timeout))
+        response = self._call(self._inference.ModelInfer, request, remaining(deadline))
+        return protocol.infer_result(response)
 
     def classify(
         self,
