@@ -56,7 +56,7 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
 
 
 DRAIN_LEAD_S = 0.5  # on shutdown, calls already received reach a handler before gRPC stops
-CLOSE_MARGIN_S = 30.0  # after the grace period, for running batches to end and sessions to close
+CLOSE_MARGIN_S = 15.0  # after the grace period, for running batches to end and sessions to close
 
 
 class _Quiet(WSGIRequestHandler):
