@@ -259,3 +259,35 @@ def test_batches_of_microseconds_run_inline_unless_configured_otherwise(tmp_path
         np.testing.assert_allclose(out, rows(2)["x"] @ TINY_WEIGHTS, rtol=1e-5, atol=1e-4)
     for name in ("slow", "forced"):
         inline[name]._close_runners()
+
+
+@pytest.mark.parametrize(
+    ("files", "limited"),
+    [
+        ({"cpu.max": "max 100000\n"}, False),  # cgroup v2, no quota
+        ({"cpu.max": "150000 100000\n"}, True),  # 1.5 CPUs: 2 threads' worth, if the host has more
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, False),  # v1
+        ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, True),
+        ({"cpu.max": "garbage"}, False),
+        ({}, False),
+    ],
+)
+def test_a_cpu_quota_sets_the_threads_onnxruntime_would_size_by_the_host(
+    tmp_path: Path, files: dict[str, str], limited: bool
+) -> None:
+    import os
+
+    from cnnserve.server.runner import usable_cores
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    host = len(os.sched_getaffinity(0))
+    cores, quota = usable_cores(tmp_path)
+    if not limited:
+        assert (cores, quota) == (host, False)
+        return
+    text = files.get("cpu.max") or files["cpu/cpu.cfs_quota_us"]
+    allowed = 2 if text.startswith("150000") else 1
+    assert cores == min(host, allowed)
+    assert quota == (allowed < host)

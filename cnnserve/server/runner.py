@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -68,9 +69,11 @@ class RunnerOptions:
             except ValueError as exc:
                 raise ModelLoadError(f"parameter {key} must be an integer") from exc
 
-        # Several runners share the cores: split them rather than oversubscribe.
-        cores = os.cpu_count() or 1
-        default_intra = 0 if instances <= 1 else max(1, cores // instances)
+        # Several runners share the cores: split them rather than oversubscribe. Under a
+        # CPU quota (a container's limit) onnxruntime would still size its pool by the
+        # host's cores, so the quota sets the count.
+        cores, limited = usable_cores()
+        default_intra = 0 if instances <= 1 and not limited else max(1, cores // instances)
         level = params.get("graph_optimization_level", "all")
         if level not in _GRAPH_LEVELS:
             raise ModelLoadError(f"graph_optimization_level must be one of {sorted(_GRAPH_LEVELS)}")
@@ -83,6 +86,28 @@ class RunnerOptions:
             graph_optimization=level,
             allow_spinning=params.get("allow_spinning", "false").lower() == "true",
         )
+
+
+def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> tuple[int, bool]:
+    """The cores this process may use, and whether a CPU quota (cgroup v2 `cpu.max`, or
+    v1 `cpu.cfs_quota_us`) limits them below what the scheduler would give it."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    quota = period = None
+    try:
+        if (cgroup / "cpu.max").is_file():
+            text = (cgroup / "cpu.max").read_text().split()
+            if text and text[0] != "max":
+                quota, period = int(text[0]), int(text[1])
+        elif (cgroup / "cpu" / "cpu.cfs_quota_us").is_file():
+            quota = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+            period = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError, IndexError):
+        return cores, False
+    if quota is None or period is None or quota <= 0 or period <= 0:
+        return cores, False
+    allowed = max(1, math.ceil(quota / period))
+    return min(cores, allowed), allowed < cores
 
 
 @functools.cache
