@@ -139,6 +139,14 @@ def test_wrong_shape_for_config_is_unavailable_with_a_reason(tmp_path: Path) -> 
         client.close()
 
 
+def ones_request(model: str, rows: int = 1) -> pb.ModelInferRequest:
+    """A ModelInfer request of `rows` rows of ones for a model that takes x [N, 4]."""
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name="x", datatype="FP32", shape=[rows, 4])
+    request.raw_input_contents.append(np.ones(4 * rows, np.float32).tobytes())
+    return request
+
+
 SLOW_CONFIG = """
 max_batch_size: 4
 input { name: "x" data_type: TYPE_FP32 dims: [4] }
@@ -159,9 +167,7 @@ def test_stop_signal_during_load_finishes_in_flight_requests_and_exits_0(
         grpc.insecure_channel(child.url) as channel,
     ):
         stub = rpc.GRPCInferenceServiceStub(channel)
-        request = pb.ModelInferRequest(model_name="slow")
-        request.inputs.add(name="x", datatype="FP32", shape=[1, 4])
-        request.raw_input_contents.append(np.ones(4, np.float32).tobytes())
+        request = ones_request("slow")
         stub.ModelInfer(request, timeout=30)  # warm connection
         in_flight = [stub.ModelInfer.future(request, timeout=60) for _ in range(40)]
         time.sleep(0.05)
@@ -183,9 +189,7 @@ def test_calls_after_sigterm_are_refused_as_unavailable(tmp_path: Path) -> None:
     with server_process(tmp_path / "repo", tmp_path / "server.log") as child:
         with grpc.insecure_channel(child.url) as channel:
             stub = rpc.GRPCInferenceServiceStub(channel)
-            request = pb.ModelInferRequest(model_name="slow")
-            request.inputs.add(name="x", datatype="FP32", shape=[4, 4])
-            request.raw_input_contents.append(np.ones(16, np.float32).tobytes())
+            request = ones_request("slow", rows=4)
             busy = [stub.ModelInfer.future(request, timeout=60) for _ in range(30)]
             time.sleep(0.1)
             child.process.send_signal(signal.SIGTERM)
@@ -442,9 +446,7 @@ def test_calls_on_the_wire_at_sigterm_are_answered_not_cancelled(tmp_path: Path)
         grpc.insecure_channel(child.url) as channel,
     ):
         stub = rpc.GRPCInferenceServiceStub(channel)
-        request = pb.ModelInferRequest(model_name="tiny")
-        request.inputs.add(name="x", datatype="FP32", shape=[1, 4])
-        request.raw_input_contents.append(np.ones(4, np.float32).tobytes())
+        request = ones_request("tiny")
         stub.ModelInfer(request, timeout=30)  # warm connection
         calls = []
         stop_at = time.monotonic() + 0.3
