@@ -462,3 +462,74 @@ def test_calls_on_the_wire_at_sigterm_are_answered_not_cancelled(tmp_path: Path)
         assert child.process.wait(60) == 0, child.log()
     assert codes["OK"] > 0, codes
     assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
+
+
+def test_open_streams_end_unavailable_at_sigterm_instead_of_holding_the_grace_period(
+    tmp_path: Path,
+) -> None:
+    """Streams that wait for their clients' next request, one of each kind: the shutdown
+    answers what they have read and then ends them (UNAVAILABLE, which clients retry)
+    rather than waiting out the 30 s grace for them."""
+    import io
+    import re
+    import urllib.request
+
+    from PIL import Image
+
+    from cnnserve.v1 import classification_pb2 as cpb
+    from cnnserve.v1 import classification_pb2_grpc as cgrpc
+    from tests.tiny import write_tiny_image
+
+    write_slow(tmp_path / "repo", "slow", SLOW_CONFIG, layers=48, width=2048)
+    write_tiny_image(tmp_path / "repo")
+    png = io.BytesIO()
+    Image.new("L", (8, 8), 128).save(png, format="PNG")
+    hold = threading.Event()
+
+    def then_idle(*requests: object) -> object:
+        yield from requests
+        hold.wait(60)  # the client sends nothing more and does not close its side
+
+    with (
+        server_process(
+            tmp_path / "repo", tmp_path / "server.log", "--grace-period-secs", "30",
+            "--metrics-port", "0",
+        ) as child,
+        grpc.insecure_channel(child.url) as channel,
+    ):  # fmt: skip
+        stub = rpc.GRPCInferenceServiceStub(channel)
+        metrics = re.search(r"metrics (http://\S+)", child.log())
+        assert metrics
+        infer = stub.ModelStreamInfer(then_idle(*[ones_request("slow")] * 20), timeout=60)
+        classify = cgrpc.ImageClassifierStub(channel).ClassifyStream(
+            then_idle(cpb.ClassifyRequest(model_name="pixels", images=[png.getvalue()])),
+            timeout=60,
+        )
+        assert not next(infer).error_message
+        assert not next(classify).error_code
+
+        def read_so_far() -> tuple[int, int]:
+            """(requests the server has read, of which not answered yet)"""
+            with urllib.request.urlopen(metrics.group(1), timeout=10) as page:
+                text = page.read().decode()
+            pending = re.search(r'pending_requests\{model="slow".*\} (\S+)', text)
+            assert pending
+            stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="slow"), timeout=10)
+            done = stats.model_stats[0].inference_count
+            return done + int(float(pending.group(1))), int(float(pending.group(1)))
+
+        wait_for(lambda: read_so_far()[0] == 20)
+        assert read_so_far()[1] > 0  # some are in flight at the signal
+        started = time.monotonic()
+        child.process.send_signal(signal.SIGTERM)
+        answers: list[pb.ModelStreamInferResponse] = []
+        for stream in (infer, classify):
+            with pytest.raises(grpc.RpcError) as ended:
+                answers.extend(stream)
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE, ended.value
+            assert "shutting down" in (ended.value.details() or "")
+        assert child.process.wait(60) == 0, child.log()
+        hold.set()
+    assert time.monotonic() - started < 10, child.log()
+    assert len(answers) == 19
+    assert not any(answer.error_message for answer in answers)

@@ -28,6 +28,7 @@ import cnnserve.v1
 from cnnserve.server.classify import ClassifierServicer, ImageLimits
 from cnnserve.server.config import Settings
 from cnnserve.server.counting import CallCounter
+from cnnserve.server.drain import Drain
 from cnnserve.server.metrics import Metrics
 from cnnserve.server.registry import Registry
 from cnnserve.server.repository import list_models
@@ -84,14 +85,17 @@ class Server:
             on_change=self._model_changed,
         )
         self.metrics.watch(self.registry.states)
+        self.drain = Drain()
         self.inference = InferenceServicer(
             self.registry,
+            self.drain,
             control_mode=settings.model_control_mode,
             request_log_rate=settings.request_log_rate,
             max_message_bytes=settings.max_message_bytes,
         )
         self.classifier = ClassifierServicer(
             self.registry,
+            self.drain,
             limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels),
             workers=settings.preprocess_threads,
             request_log_rate=settings.request_log_rate,
@@ -240,8 +244,7 @@ class Server:
     async def stop(self, grace: float | None = None) -> None:
         """Drain: refuse new calls, let in-flight ones finish, then close the models."""
         grace = self.settings.grace_period_secs if grace is None else grace
-        self.inference.draining = True
-        self.classifier.draining = True
+        self.drain.begin()
         await self.health.enter_graceful_shutdown()
         for task in self._tasks:
             task.cancel()

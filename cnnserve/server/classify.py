@@ -24,6 +24,7 @@ from google.protobuf.message import DecodeError
 from PIL import Image, UnidentifiedImageError
 
 from cnnserve.preprocess import PreprocessParams, preprocess
+from cnnserve.server.drain import Drain
 from cnnserve.server.errors import (
     AnswerTooLarge,
     CnnserveError,
@@ -91,6 +92,7 @@ class ClassifierServicer(classification_pb2_grpc.ImageClassifierServicer):
     def __init__(
         self,
         registry: Registry,
+        drain: Drain,
         *,
         limits: ImageLimits,
         workers: int,
@@ -105,7 +107,7 @@ class ClassifierServicer(classification_pb2_grpc.ImageClassifierServicer):
         # an error above twice that) would overrule --max-image-pixels; `_decode` checks
         # the size from the header before any pixel is decoded instead.
         Image.MAX_IMAGE_PIXELS = None
-        self.draining = False
+        self.drain = drain
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="preprocess")
 
     def close(self) -> None:
@@ -185,12 +187,11 @@ class ClassifierServicer(classification_pb2_grpc.ImageClassifierServicer):
         self, request_iterator: AsyncIterator[pb.ClassifyRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ClassifyStreamResponse]:
         """One answer per request, in order; an error answers that request only. A message
-        that is not a ClassifyRequest ends the stream INVALID_ARGUMENT."""
+        that is not a ClassifyRequest ends the stream INVALID_ARGUMENT, and a shutdown ends
+        it UNAVAILABLE (see `drain`), after the answer to the request it is running."""
         try:
-            async for request in request_iterator:
+            async for request in self.drain.requests(request_iterator):
                 try:
-                    if self.draining:
-                        raise ServerDraining("the server is shutting down")
                     answer = await self.classify(request, context)
                     yield pb.ClassifyStreamResponse(response=answer)
                 except CnnserveError as exc:
@@ -201,3 +202,5 @@ class ClassifierServicer(classification_pb2_grpc.ImageClassifierServicer):
         except DecodeError as exc:
             why = f"a stream message is not a ClassifyRequest ({exc})"
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, why)
+        except ServerDraining as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))

@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 
 from cnnserve import __version__
 from cnnserve.server import converters
+from cnnserve.server.drain import Drain
 from cnnserve.server.errors import (
     CnnserveError,
     InvalidInput,
@@ -58,6 +59,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(
         self,
         registry: Registry,
+        drain: Drain,
         *,
         control_mode: str,
         request_log_rate: float = 0.0,
@@ -67,7 +69,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         self.control_mode = control_mode
         self.request_log_rate = request_log_rate
         self.max_message_bytes = max_message_bytes  # what gRPC lets the server send
-        self.draining = False
+        self.drain = drain
         self.started = False
 
     # -- health and metadata ----------------------------------------------------------
@@ -82,7 +84,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.started and not self.draining)
+        return pb.ServerReadyResponse(ready=self.started and not self.drain.started)
 
     @rpc("ModelReady")
     async def ModelReady(
@@ -223,26 +225,29 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         At most STREAM_WINDOW requests are read and not yet answered: a client that does
         not read its answers stops the server reading its requests (gRPC's flow control
         then holds the client back), rather than filling the server's memory. A message
-        that is not a ModelInferRequest ends the stream INVALID_ARGUMENT, once the
-        answers to the ones before it are sent.
+        that is not a ModelInferRequest ends the stream INVALID_ARGUMENT, and a shutdown
+        ends it UNAVAILABLE (see `drain`), once the answers to the ones before are sent.
         """
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
         window = asyncio.Semaphore(STREAM_WINDOW)
-        unreadable: list[str] = []
+        ended: list[tuple[grpc.StatusCode, str]] = []
 
         async def one(request: pb.ModelInferRequest) -> None:
             await answers.put(await self._stream_answer(request, context))
 
         async def read() -> None:
             try:
-                async for request in request_iterator:
+                async for request in self.drain.requests(request_iterator):
                     await window.acquire()
                     task = asyncio.create_task(one(request))
                     running.add(task)
                     task.add_done_callback(running.discard)
             except DecodeError as exc:
-                unreadable.append(f"a stream message is not a ModelInferRequest ({exc})")
+                why = f"a stream message is not a ModelInferRequest ({exc})"
+                ended.append((grpc.StatusCode.INVALID_ARGUMENT, why))
+            except ServerDraining as exc:
+                ended.append((grpc.StatusCode.UNAVAILABLE, str(exc)))
             while running:
                 await asyncio.gather(*list(running))
             await answers.put(None)
@@ -256,16 +261,14 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             reader.cancel()
             for task in list(running):
                 task.cancel()
-        if unreadable:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, unreadable[0])
+        if ended:
+            await context.abort(*ended[0])
 
     async def _stream_answer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelStreamInferResponse:
         """One stream message's answer; an error is reported in it, not by ending the stream."""
         try:
-            if self.draining:
-                raise ServerDraining("the server is shutting down")
             response = await self.infer(request, context)
         except CnnserveError as exc:
             return _stream_error(request, f"[{code_for(exc).name}] {exc}")

@@ -17,6 +17,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 
 from cnnserve.server import errors
+from cnnserve.server.drain import Drain
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ def code_for(exc: errors.CnnserveError) -> grpc.StatusCode:
 class Guarded(Protocol):
     """What `rpc` needs from the servicer it decorates."""
 
-    draining: bool
+    drain: Drain
 
 
 S = TypeVar("S", bound=Guarded)
@@ -54,7 +55,7 @@ def rpc(method: str) -> Callable[[Handler[S]], Handler[S]]:
         @functools.wraps(handler)
         async def guarded(self: S, request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
-                if self.draining:
+                if self.drain.started:
                     raise errors.ServerDraining("the server is shutting down")
                 return await handler(self, request, context)
             except errors.CnnserveError as exc:
