@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 _INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
@@ -93,6 +93,10 @@ def to_unit(image: Image.Image | bytes, params: PreprocessParams) -> np.ndarray:
     """Decode, convert, resize and crop; float32 CHW pixels in [0, 1], not yet normalised."""
     if isinstance(image, bytes | bytearray | memoryview):
         image = Image.open(io.BytesIO(image))
+    # Cameras and phones store a photo as the sensor saw it and say in EXIF how to turn it
+    # for display; the model is to see it as a viewer does.
+    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        image = ImageOps.exif_transpose(image)
     if image.mode in _SIXTEEN_BIT:  # PIL's convert would clip every value over 255
         wide = np.asarray(image, dtype=np.float64)
         image = Image.fromarray(np.rint(wide / 257.0).clip(0, 255).astype(np.uint8), "L")

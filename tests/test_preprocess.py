@@ -83,3 +83,22 @@ def test_a_sixteen_bit_grayscale_png_keeps_its_content() -> None:
         )
         unit = to_unit(buffer.getvalue(), params)
         np.testing.assert_allclose(unit[0], np.rint(ramp / 257) / 255, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_a_photo_is_turned_as_its_exif_orientation_says(fmt: str) -> None:
+    """A phone stores a portrait photo lying on its side, with EXIF Orientation 6 ("turn
+    90 degrees clockwise to view"); the model is to get it upright, as a viewer shows it."""
+    upright = Image.new("RGB", (48, 64), (250, 250, 250))
+    upright.paste((0, 0, 0), (0, 0, 48, 20))  # a dark band at the top
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # as the sensor saw it
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    tagged, plain, reference = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    stored.save(tagged, fmt, exif=exif)
+    stored.save(plain, fmt)
+    upright.save(reference, fmt)
+    params = PreprocessParams(color="L", resize=32, crop=32, mean=(0.0,), std=(1.0,))
+    want = to_unit(reference.getvalue(), params)
+    assert np.abs(to_unit(tagged.getvalue(), params) - want).mean() < 0.01
+    assert np.abs(to_unit(plain.getvalue(), params) - want).mean() > 0.1  # the tag matters
