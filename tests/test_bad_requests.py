@@ -61,6 +61,12 @@ def typed_wrong_count() -> pb.ModelInferRequest:
     return r
 
 
+def typed_wrong_field() -> pb.ModelInferRequest:
+    r = request(raw=[])
+    r.inputs[0].contents.int_contents.extend([1, 2, 3, 4])
+    return r
+
+
 def with_param(key: str, **value: object) -> pb.ModelInferRequest:
     r = request()
     r.parameters[key].CopyFrom(pb.InferParameter(**value))  # type: ignore[arg-type]
@@ -125,6 +131,8 @@ CASES: list[tuple[str, Callable[[], pb.ModelInferRequest], Code, str]] = [
     ("raw count", lambda: request(raw=[ROW, ROW]), Code.INVALID_ARGUMENT, "raw_input_contents"),
     ("typed and raw", typed_and_raw, Code.INVALID_ARGUMENT, "not both"),
     ("typed count", typed_wrong_count, Code.INVALID_ARGUMENT, "3 values"),
+    ("typed field", typed_wrong_field, Code.INVALID_ARGUMENT,
+     "input 'x' is FP32: its values go in fp32_contents, not int_contents"),
     ("duplicate input", two_inputs_same_name, Code.INVALID_ARGUMENT, "twice"),
     ("unknown output", unknown_output, Code.INVALID_ARGUMENT, "unknown output"),
     ("output twice", output_twice, Code.INVALID_ARGUMENT, "output 'y' is requested twice"),

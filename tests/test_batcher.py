@@ -206,20 +206,27 @@ def test_close_finishes_queued_work_then_refuses_more(slow_runner: Runner) -> No
 
 
 def test_pending_counts_queued_and_executing_and_returns_to_zero(slow_runner: Runner) -> None:
-    async def scenario() -> tuple[int, int]:
-        batcher = Batcher([slow_runner], ["y"], BatchingOptions(max_batch_size=1))
+    """Also for a request split across batches and cancelled between its parts: the gauge
+    that autoscaling reads counts it once, and not after."""
+
+    async def scenario() -> tuple[int, int, int]:
+        batcher = Batcher([slow_runner], ["y"], BatchingOptions(max_batch_size=2))
         batcher.start()
-        tasks = [asyncio.create_task(batcher.submit(rows(1), 1)) for _ in range(4)]
+        tasks = [asyncio.create_task(batcher.submit(rows(2), 2)) for _ in range(4)]
         await asyncio.sleep(0)
         busy = batcher.pending
         await asyncio.gather(*tasks)
+        split = asyncio.create_task(batcher.submit(rows(3), 3))  # runs as 2 rows, then 1
+        await asyncio.sleep(0.001)  # its first part is executing
+        split_busy = batcher.pending
+        split.cancel()
+        await batcher.submit(rows(1), 1)
+        await asyncio.gather(split, return_exceptions=True)
         idle = batcher.pending
         await batcher.close()
-        return busy, idle
+        return busy, split_busy, idle
 
-    busy, idle = asyncio.run(scenario())
-    assert busy == 4
-    assert idle == 0
+    assert asyncio.run(scenario()) == (4, 1, 0)
 
 
 def test_runner_options_split_cores_between_instances(tmp_path: Path) -> None:
@@ -291,3 +298,37 @@ def test_a_cpu_quota_sets_the_threads_onnxruntime_would_size_by_the_host(
     allowed = 2 if text.startswith("150000") else 1
     assert cores == min(host, allowed)
     assert quota == (allowed < host)
+
+
+def test_a_request_timeout_fails_at_its_time_not_after_the_running_batch(
+    tmp_path: Path,
+) -> None:
+    """The `timeout` parameter is the server's to keep (gRPC keeps only its own
+    deadlines): a request queued behind a long batch fails when its time is up."""
+    model = write_slow(tmp_path, "slower", "", layers=48, width=2048) / "1" / "model.onnx"
+    slower = Runner(model, RunnerOptions(device="cpu"), label="slower")
+
+    async def scenario() -> tuple[float, float, object]:
+        batcher = Batcher([slower], ["y"], BatchingOptions(max_batch_size=512))
+        batcher.start()
+        long = asyncio.create_task(batcher.submit(rows(512), 512))
+        await asyncio.sleep(0.01)  # the long batch is running
+        began = time.monotonic()
+        try:
+            await batcher.submit(rows(1), 1, time.monotonic_ns() + 50_000_000, expire=True)
+            error: object = None
+        except DeadlineExceeded as exc:
+            error = exc
+        failed_s = time.monotonic() - began
+        await long
+        batch_s = time.monotonic() - began
+        await batcher.close()
+        return failed_s, batch_s, error
+
+    try:
+        failed_s, batch_s, error = asyncio.run(scenario())
+    finally:
+        slower.close()
+    assert batch_s > 0.2, "the batch must outlast the timeout for this test to mean anything"
+    assert failed_s < batch_s / 2, (failed_s, batch_s)
+    assert "timed out while queued" in str(error)

@@ -142,6 +142,10 @@ def test_stream_infer_answers_each_request_and_reports_errors_in_band(
     errors = [e for _, e in got if e is not None]
     assert set(ok) == {"good-1", "good-2"}
     np.testing.assert_allclose(ok["good-2"], 2 * x @ TINY_WEIGHTS, rtol=1e-5, atol=1e-6)
+    # As Triton marks them: each answer is the last one its request gets.
+    for result, error in got:
+        if error is None:
+            assert result.get_response().parameters["triton_final_response"].bool_param
     assert len(errors) == 1
     assert "INVALID_ARGUMENT" in str(errors[0])
 

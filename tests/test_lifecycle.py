@@ -426,6 +426,29 @@ def test_a_config_that_would_be_served_otherwise_than_it_says_fails_to_load(
         assert words in entry.reason
 
 
+def test_the_index_gives_the_reason_of_the_latest_failed_load(tmp_path: Path) -> None:
+    """A version's own reason from an earlier load gave way to the model's new one."""
+    from cnnserve.server.errors import ModelLoadError
+
+    base = TINY_CONFIG.replace(
+        "dynamic_batching { max_queue_delay_microseconds: 2000 "
+        "default_queue_policy { max_queue_size: 64 } }\n",
+        "",
+    )
+    model = write_tiny(tmp_path, config=base + "dynamic_batching { preferred_batch_size: 16 }\n")
+    with server_in_thread(tmp_path, model_control_mode="explicit") as srv:
+        for extra, words in (
+            ("dynamic_batching { preferred_batch_size: 16 }", "preferred_batch_size"),
+            ("sequence_batching { }", "sequence_batching"),
+        ):
+            (model / "config.pbtxt").write_text(base + extra + "\n")
+            with pytest.raises(ModelLoadError):
+                srv.call(srv.server.registry.load("tiny"))
+            [entry] = srv.server.registry.index()
+            assert entry.state == "UNAVAILABLE"
+            assert words in entry.reason, entry
+
+
 def test_unsupported_config_fields_are_all_named_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -90,16 +90,28 @@ class Batcher:
 
     @property
     def pending(self) -> int:
-        """Requests queued or executing."""
-        return len(self._queue) + self._executing
+        """Requests queued or executing; one split across batches counts once."""
+        partly_taken = bool(self._queue) and self._queue[0].taken > 0  # only the head can be
+        return len(self._queue) + self._executing - partly_taken
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="batcher")
 
     async def submit(
-        self, inputs: dict[str, np.ndarray], rows: int, deadline_ns: int | None = None
+        self,
+        inputs: dict[str, np.ndarray],
+        rows: int,
+        deadline_ns: int | None = None,
+        *,
+        expire: bool = False,
     ) -> JobResult:
-        """Queue one request and wait for its rows; cancelling the caller drops it."""
+        """Queue one request and wait for its rows; cancelling the caller drops it.
+
+        A request still queued at its deadline fails when the batcher next looks at the
+        queue, which may be after a running batch; with `expire`, it fails at the
+        deadline itself. gRPC ends calls at their own deadlines; `expire` is for the
+        request's `timeout` parameter, which only the server keeps.
+        """
         if self._closing:
             raise ModelNotReady("the model version is being unloaded")
         if len(self._queue) >= self._opts.max_queue_size:
@@ -112,7 +124,13 @@ class Batcher:
         self._queue.append(job)
         self._queued_rows += rows
         self._wakeup.set()
-        return await job.future
+        if not expire or deadline_ns is None:
+            return await job.future
+        timer = asyncio.get_running_loop().call_later((deadline_ns - now) / 1e9, self._expire, job)
+        try:
+            return await job.future
+        finally:
+            timer.cancel()
 
     async def close(self) -> None:
         """Stop taking requests, finish every queued and executing one, then return."""
@@ -218,6 +236,13 @@ class Batcher:
                 return
             self._queue.popleft()
             self._queued_rows -= job.rows - job.taken
+            if job.taken:  # its first part was launched, its last never will be
+                self._executing -= 1
+
+    @staticmethod
+    def _expire(job: _Job) -> None:
+        if job.taken < job.rows and not job.future.done():  # rows still queued: not run
+            job.future.set_exception(DeadlineExceeded("timed out while queued"))
 
     def _take(self, limit: int) -> list[_Slice]:
         batch: list[_Slice] = []

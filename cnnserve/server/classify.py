@@ -160,7 +160,12 @@ class ClassifierServicer(classification_pb2_grpc.ImageClassifierServicer):
             deadline = deadline_ns(context, model.default_timeout_us)  # the queue's from here
             batch = np.stack(arrays)
             del arrays
-            result = await model.infer({model.inputs[0].name: batch}, len(batch), deadline)
+            result = await model.infer(
+                {model.inputs[0].name: batch},
+                len(batch),
+                deadline,
+                expire=bool(model.default_timeout_us),
+            )
             response = pb.ClassifyResponse(
                 model_name=model.name, model_version=str(model.version), id=request.id
             )

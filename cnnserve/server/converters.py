@@ -130,6 +130,12 @@ def _from_typed(
     values = getattr(contents, field)
     count = math.prod(shape)
     if len(values) != count:
+        others = sorted({f for f in _TYPED_FIELD.values() if f != field and getattr(contents, f)})
+        if others and not values:
+            raise InvalidInput(
+                f"input {spec.name!r} is {spec.datatype}: its values go in {field}, "
+                f"not {', '.join(others)}"
+            )
         raise InvalidInput(
             f"input {spec.name!r}: {len(values)} values in {field}, expected {count}"
         )

@@ -284,14 +284,19 @@ class ModelVersion:
         self.batcher.start()
 
     async def infer(
-        self, inputs: Mapping[str, np.ndarray], rows: int, deadline_ns: int | None
+        self,
+        inputs: Mapping[str, np.ndarray],
+        rows: int,
+        deadline_ns: int | None,
+        *,
+        expire: bool = False,
     ) -> JobResult:
         assert self.batcher is not None, "start() first"
         if self._reshapes_inputs:
             feeds = {s.name: _reshape(inputs[s.name], s.model_shape, rows) for s in self.inputs}
         else:  # already in the graph's shape (decoding checked it), in the model's order
             feeds = {s.name: inputs[s.name] for s in self.inputs}
-        result = await self.batcher.submit(feeds, rows, deadline_ns)
+        result = await self.batcher.submit(feeds, rows, deadline_ns, expire=expire)
         if not self._reshapes_outputs:
             return result
         outputs = [

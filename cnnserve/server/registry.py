@@ -143,6 +143,7 @@ class Registry:
             raise
         except ModelLoadError as exc:
             model.reason = str(exc)
+            model.failed = {}  # the versions' reasons from an earlier load no longer hold
             model.kept = set(model.versions)  # all of them serve on, for a reload that failed
             model.fingerprint = ("error", str(exc))  # poll mode retries when this changes
             raise

@@ -197,8 +197,11 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             log_rate=self.request_log_rate,
         ) as (model, seen):
             decoded = model.decoder.decode(request)
-            seen.deadline_ns = deadline_ns(context, decoded.timeout_us or model.default_timeout_us)
-            result = await model.infer(decoded.inputs, decoded.rows, seen.deadline_ns)
+            timeout_us = decoded.timeout_us or model.default_timeout_us
+            seen.deadline_ns = deadline_ns(context, timeout_us)
+            result = await model.infer(
+                decoded.inputs, decoded.rows, seen.deadline_ns, expire=bool(timeout_us)
+            )
             response = pb.ModelInferResponse(
                 model_name=model.name, model_version=str(model.version), id=request.id
             )
@@ -276,6 +279,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             log.exception("stream inference failed")
             return _stream_error(request, "[INTERNAL] internal error; see the server log")
         answer = pb.ModelStreamInferResponse(infer_response=response)
+        _mark_final(answer)
         size = answer.ByteSize()
         if size > self.max_message_bytes:  # gRPC would end the whole stream on it
             return _stream_error(
@@ -289,11 +293,18 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"cnnserve does not implement {what}")
 
 
+def _mark_final(answer: pb.ModelStreamInferResponse) -> None:
+    """Triton's flag for the last answer to a request; with one answer per request (no
+    decoupled models here), every answer is the last. Stream clients wait for it."""
+    answer.infer_response.parameters["triton_final_response"].bool_param = True
+
+
 def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
     answer = pb.ModelStreamInferResponse(error_message=message)
     answer.infer_response.model_name = request.model_name
     answer.infer_response.model_version = request.model_version
     answer.infer_response.id = request.id
+    _mark_final(answer)
     return answer
 
 
