@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 import json
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import pytest
 from cnnserve.cli import main
 from cnnserve.client.loadtest_report import CSV_FIELDS
 from tests.servers import Running, server_in_thread
-from tests.tiny import write_tiny, write_tiny_image
+from tests.tiny import write_slow, write_tiny, write_tiny_image
 
 SHORT = ["--duration", "0.4", "--warmup-secs", "0.2"]
 
@@ -85,10 +87,12 @@ def test_levels_print_a_table_and_write_json_and_csv(
 @pytest.mark.parametrize(
     ("args", "words"),
     [
-        (["--duration", "0"], "--duration must be positive, not 0.0"),
-        (["--stability-pct", "-5"], "--stability-pct must not be negative"),
-        (["--warmup-secs", "-1"], "--warmup-secs must not be negative"),
-        (["--workers-per-channel", "0"], "--workers-per-channel must be positive"),
+        (["--duration", "0"], "--duration must be a positive number, not 0.0"),
+        (["--stability-pct", "-5"], "--stability-pct must be a number >= 0"),
+        (["--warmup-secs", "nan"], "--warmup-secs must be a number >= 0, not nan"),
+        (["--workers-per-channel", "0"], "--workers-per-channel must be a positive number"),
+        (["--timeout", "0"], "--timeout must be a positive number"),
+        (["--csv", "{tmp}/a", "--json", "{tmp}/a"], "--csv and --json name the same file"),
         (["--csv", "{tmp}/no/such/folder/out.csv"], "out.csv: cannot write there"),
         (["--json", "{tmp}"], "cannot write there"),
         (["--plot", "{tmp}/out.txt"], "out.txt: name a "),
@@ -154,7 +158,10 @@ def test_failed_requests_are_counted_by_status_code(
     assert level["requests"] == 0
     assert level["errors"]["INVALID_ARGUMENT"] == level["error_count"] > 0
     assert level["latency_ms"]["p50"] is None
-    assert f"INVALID_ARGUMENT={level['error_count']}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"INVALID_ARGUMENT={level['error_count']}" in printed
+    # The server's own words, once, below the table.
+    assert "INVALID_ARGUMENT (first at 2): batch size 16 is outside 1..8" in printed
 
 
 def test_windows_repeat_until_three_agree_or_trials_run_out(
@@ -169,7 +176,7 @@ def test_windows_repeat_until_three_agree_or_trials_run_out(
     assert (agreed["windows"], agreed["stable"]) == (3, True)
     [never] = read_json(strict)["levels"]  # no two windows count exactly alike
     assert never["stable"] is False
-    assert never["windows"] == 3  # the last three of the four windows run
+    assert never["windows"] == 4  # all it ran; the figures are the last three's
 
 
 def test_request_rate_sends_on_schedule(server: Running, tmp_path: Path) -> None:
@@ -193,6 +200,57 @@ def test_request_rate_sends_on_schedule(server: Running, tmp_path: Path) -> None
     assert level["concurrency"] is None
     assert (level["request_rate"], level["poisson"]) == (200, True)
     assert 100 <= level["requests_per_s"] <= 300
+
+
+def test_errors_before_the_kept_windows_are_reported_too(
+    server: Running, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The model is away during the warm-up: the figures are the windows', but the
+    failures are said, and the exit status is 1."""
+    out = tmp_path / "out.json"
+    registry = server.server.registry
+
+    def away_then_back() -> None:
+        time.sleep(0.1)
+        server.call(registry.unload("tiny"))
+        time.sleep(0.2)
+        server.call(registry.load("tiny"))
+
+    thread = threading.Thread(target=away_then_back)
+    thread.start()
+    try:
+        code = loadtest(
+            server, "--model", "tiny", "--concurrency", "2", "--duration", "0.5",
+            "--warmup-secs", "1", "--json", str(out),
+        )  # fmt: skip
+    finally:
+        thread.join(30)
+    assert code == 1
+    [level] = read_json(out)["levels"]
+    assert level["requests"] > 0
+    assert level["error_count"] > 0
+    assert set(level["errors"]) <= {"NOT_FOUND", "UNAVAILABLE"}
+    assert "(first at 2): " in capsys.readouterr().out
+
+
+def test_a_rate_the_server_cannot_keep_up_with_is_said(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Requests queue without end there, and the latency of those answered in the window
+    understates it: the table alone would not say so."""
+    config = "max_batch_size: 1\ndynamic_batching { default_queue_policy { max_queue_size: 9999 } }"
+    write_slow(tmp_path / "repo", "slow", config, layers=24, width=1024)
+    out = tmp_path / "out.json"
+    with server_in_thread(tmp_path / "repo") as slow:
+        code = loadtest(
+            slow, "--model", "slow", "--request-rate", "2000", "--duration", "0.5",
+            "--warmup-secs", "0.1", "--json", str(out),
+        )  # fmt: skip
+    assert code == 0  # every request was answered in the end
+    [level] = read_json(out)["levels"]
+    assert level["kept_up"] is False
+    assert level["requests_per_s"] < 1900
+    assert "at 2000/s the server answered" in capsys.readouterr().out
 
 
 def test_classify_mode_sends_generated_images(

@@ -13,14 +13,16 @@ windows of `--window-secs` repeat until the last three agree within
 JSON and CSV fields, are described in `cnnserve.client.loadtest_report`; the
 load itself in `cnnserve.client.loadtest_engine`.
 
-The exit status is 0 when every request succeeded, 1 when some failed (the
-figures are still printed and written), 2 when nothing could be measured.
+The exit status is 0 when every request succeeded, 1 when some failed or an
+output could not be written (the figures are still printed, and the other
+outputs written), 2 when nothing could be measured, 130 when interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -79,7 +81,7 @@ def _numbers(kind: type[int] | type[float]) -> Callable[[str], list[Any]]:
             values = [kind(v) for v in text.split(",")]
         except ValueError:
             values = []
-        if not values or any(v <= 0 for v in values):
+        if not values or any(not (0 < v < math.inf) for v in values):
             noun = "whole numbers" if kind is int else "numbers"
             raise argparse.ArgumentTypeError(f"give positive {noun}, comma-separated: {text!r}")
         return values
@@ -191,20 +193,33 @@ def _refusal(args: argparse.Namespace) -> str | None:
         "--workers-per-channel": args.workers_per_channel,
         "--duration": 1 if args.duration is None else args.duration,
     }
+    if args.timeout is not None:
+        positive["--timeout"] = args.timeout
     for flag, value in positive.items():
-        if not value > 0:
-            return f"{flag} must be positive, not {value}"
+        if not 0 < value < math.inf:
+            return f"{flag} must be a positive number, not {value}"
     for flag, value in (
         ("--warmup-secs", args.warmup_secs),
         ("--stability-pct", args.stability_pct),
     ):
-        if value < 0:
-            return f"{flag} must not be negative, not {value}"
+        if not 0 <= value < math.inf:
+            return f"{flag} must be a number >= 0, not {value}"
     if args.poisson and not args.request_rate:
         return "--poisson needs --request-rate"
-    for flag, path in (("--csv", args.csv), ("--json", args.json), ("--plot", args.plot)):
-        if path is None:
-            continue
+    return _output_refusal(args)
+
+
+def _outputs(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    named = (("--csv", args.csv), ("--json", args.json), ("--plot", args.plot))
+    return [(flag, path) for flag, path in named if path is not None]
+
+
+def _output_refusal(args: argparse.Namespace) -> str | None:
+    outputs = _outputs(args)
+    for i, (flag, path) in enumerate(outputs):
+        for other, same in outputs[:i]:
+            if same.resolve() == path.resolve():
+                return f"{other} and {flag} name the same file, {path}"
         folder = path.parent
         if path.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
             return f"{flag} {path}: cannot write there"
@@ -232,6 +247,9 @@ def run(args: argparse.Namespace) -> int:
     except (SetupError, ValueError, OSError) as exc:
         fail("loadtest", str(exc))
         return 2
+    except KeyboardInterrupt:
+        fail("loadtest", "interrupted; nothing written")
+        return 130
     finally:
         if progress is not None:
             progress("")
@@ -240,10 +258,52 @@ def run(args: argparse.Namespace) -> int:
         f"{header['batch_size']}, {header['request_bytes']:,}-byte requests"
     )
     print(table(results))
-    if args.csv:
-        write_csv(args.csv, results)
-    if args.json:
-        write_json(args.json, header, results)
-    if args.plot:
-        plot(args.plot, f"{header['model']} ({header['mode']}, batch {args.batch_size})", results)
-    return 1 if any(r.error_count for r in results) else 0
+    for line in notes(results, len(levels)):
+        print(line)
+    written = _write(args, header, results)
+    if not any(r.requests or r.error_count for r in results):
+        fail("loadtest", "no request was answered in the measured time; measure for longer")
+        return 2
+    return 1 if any(r.error_count for r in results) or not written else 0
+
+
+def _write(args: argparse.Namespace, header: dict[str, Any], results: list[LevelResult]) -> bool:
+    """Each output asked for; one that cannot be written is said in a line, not the rest."""
+    title = f"{header['model']} ({header['mode']}, batch {args.batch_size})"
+    writers: dict[str, Callable[[Path], None]] = {
+        "--csv": lambda path: write_csv(path, results),
+        "--json": lambda path: write_json(path, header, results),
+        "--plot": lambda path: plot(path, title, results),
+    }
+    written = True
+    for flag, path in _outputs(args):
+        try:
+            writers[flag](path)
+        except OSError as exc:
+            written = not fail("loadtest", f"{flag} {path}: {exc.strerror or exc}")
+    return written
+
+
+def notes(results: Sequence[LevelResult], levels: int) -> list[str]:
+    """What the table cannot say: each error code's first message, a rate the server did
+    not keep up with, and levels skipped after one where nothing succeeded."""
+    lines, seen = [], set()
+    for r in results:
+        for code, details in r.error_details.items():
+            if code not in seen:
+                seen.add(code)
+                lines.append(f"{code} (first at {r.label}): {details or '(no message)'}")
+    for r in results:
+        if r.kept_up is False:
+            answered = r.requests_per_s
+            lines.append(
+                f"at {r.label} the server answered {answered:,.1f} requests/s: it did not keep "
+                "up, so requests queued without end and the latency figures, of the requests "
+                "answered within the windows, understate it"
+            )
+    if len(results) < levels:
+        lines.append(
+            f"no request succeeded at {results[-1].label}; the {levels - len(results)} "
+            "level(s) after it were not measured"
+        )
+    return lines

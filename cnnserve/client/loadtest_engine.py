@@ -17,7 +17,10 @@ Two kinds of load (`Level`):
 
 `Engine.cut()` closes the current measurement window and returns its raw
 figures: each success's latency, errors by status code, the client's CPU
-time. A request belongs to the window in which its answer arrives.
+time. A request belongs to the window in which its answer arrives. Errors are
+also counted over the whole level (`Engine.errors`): warm-up, windows not kept,
+and requests still unanswered when the level ends (UNANSWERED), so that none
+goes unreported.
 """
 
 from __future__ import annotations
@@ -34,14 +37,19 @@ from typing import Any
 import grpc
 import numpy as np
 
-from cnnserve.client.loadtest_report import LevelResult, StatsSnapshot, summarize
+from cnnserve.client.loadtest_report import (
+    BACKLOG_CODE,
+    UNANSWERED_CODE,
+    LevelResult,
+    StatsSnapshot,
+    summarize,
+)
 
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 CLASSIFY_METHOD = "/cnnserve.v1.ImageClassifier/Classify"
 # Open loop: beyond this many unanswered requests, requests due are not sent but
 # counted under this client-side code, so an overloaded server cannot exhaust memory.
 MAX_OUTSTANDING = 10_000
-BACKLOG_CODE = "CLIENT_BACKLOG"
 OPEN_LOOP_CHANNELS = 4
 
 
@@ -129,8 +137,11 @@ class Engine:
         self._per_channel = workers_per_channel
         self._random = random.Random(seed)
         self._recorder = _Recorder()
+        self.errors: Counter[str] = Counter()  # over the whole level, see the module's doc
+        self.details: dict[str, str] = {}  # the first message of each code
         self._tasks: list[asyncio.Task[None]] = []
         self._outstanding: set[asyncio.Task[None]] = set()
+        self._scheduler = False  # whether _tasks is the open loop's scheduler
         self._running = False
 
     def _calls(self, count: int) -> list[Any]:
@@ -149,6 +160,8 @@ class Engine:
             raise RuntimeError("the engine is already running; stop() it first")
         self._running = True
         self._recorder = _Recorder()
+        self.errors, self.details = Counter(), {}
+        self._scheduler = not level.concurrency
         if level.concurrency:
             calls = self._calls(math.ceil(level.concurrency / self._per_channel))
             self._tasks = [
@@ -170,8 +183,14 @@ class Engine:
         )
 
     async def stop(self, grace: float = 30.0) -> None:
-        """Send nothing more; give requests in flight `grace` seconds, then cancel them."""
+        """Send nothing more; give requests in flight `grace` seconds (at most the call
+        timeout), then cancel them, counting them UNANSWERED."""
         self._running = False
+        if self._timeout is not None:
+            grace = min(grace, self._timeout)
+        if self._scheduler:  # the open loop's: it only waits for the next due time
+            for task in self._tasks:
+                task.cancel()
         pending = [*self._tasks, *self._outstanding]
         if pending:
             _, late = await asyncio.wait(pending, timeout=grace)
@@ -190,9 +209,18 @@ class Engine:
         try:
             await call(self._workload.request, timeout=self._timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
-            self._recorder.errors[exc.code().name] += 1
+            self._error(exc.code().name, exc.details() or "")
             return
+        except asyncio.CancelledError:
+            if not self._running:  # stop() gave up waiting for it
+                self.errors[UNANSWERED_CODE] += 1
+            raise
         self._recorder.latencies_ns.append(time.perf_counter_ns() - started_ns)
+
+    def _error(self, code: str, details: str) -> None:
+        self._recorder.errors[code] += 1
+        self.errors[code] += 1
+        self.details.setdefault(code, details)
 
     async def _closed(self, call: Any) -> None:
         while self._running:
@@ -207,7 +235,7 @@ class Engine:
                 await asyncio.sleep(wait / 1e9)
                 continue
             if len(self._outstanding) >= MAX_OUTSTANDING:
-                self._recorder.errors[BACKLOG_CODE] += 1
+                self._error(BACKLOG_CODE, f"over {MAX_OUTSTANDING} requests were unanswered")
             else:
                 task = asyncio.create_task(self._send(calls[sent % len(calls)], due))
                 self._outstanding.add(task)
@@ -233,7 +261,10 @@ def _spread_ok(values: Sequence[float | None], pct: float) -> bool:
 
 
 def stable(windows: Sequence[Window], pct: float) -> bool:
-    """Throughput and p50 of each window within `pct` percent of their mean."""
+    """Throughput and p50 of each window within `pct` percent of their mean (and some
+    success in each: nothing but errors is not a steady state to report)."""
+    if not all(w.latencies_ns for w in windows):
+        return False
     rates = [len(w.latencies_ns) / w.seconds if w.seconds else 0.0 for w in windows]
     medians = [float(np.median(w.latencies_ns)) if w.latencies_ns else None for w in windows]
     return _spread_ok(rates, pct) and _spread_ok(medians, pct)
@@ -279,7 +310,16 @@ async def measure(
     kept = windows if policy.duration else windows[-3:]
     first, last = snapshots[-len(kept) - 1], snapshots[-1]
     server = last.since(first) if first is not None and last is not None else None
-    return summarize(level, kept, inferences, server, is_stable)
+    return summarize(
+        level,
+        kept,
+        inferences,
+        server,
+        is_stable,
+        windows_run=len(windows),
+        errors=engine.errors,
+        details=engine.details,
+    )
 
 
 async def run_levels(
@@ -314,6 +354,8 @@ async def run_levels(
                 progress=progress,
             )
             results.append(result)
+            if not result.requests:  # nothing succeeded: the levels after would fare no better
+                break
     finally:
         await engine.close()
     return results

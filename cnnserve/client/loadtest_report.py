@@ -3,7 +3,12 @@
 A level's figures come from the windows it kept (the last three when stable):
 - throughput: successful requests and inferences (images) per second;
 - latency percentiles of the successes, in milliseconds;
-- errors by gRPC status code (plus CLIENT_BACKLOG, see the engine);
+- at a request rate, whether the server kept up: answered at least 95% of the
+  rate (`kept_up`). When it did not, requests queue without end, and the
+  percentiles, of those answered within the windows, understate the latency;
+errors are the exception: those of the whole level are reported, warm-up and
+windows not kept included, by gRPC status code (plus CLIENT_BACKLOG and
+UNANSWERED, see the engine), with the first message of each code;
 - the server-side split, in microseconds per request: the differences of
   the cumulative ModelStatistics (Triton's semantics: `success` is the whole
   request inside the server, then `queue`, `compute_input`, `compute_infer`
@@ -29,6 +34,9 @@ if TYPE_CHECKING:
     from cnnserve.client.loadtest_engine import Level, Window
 
 PERCENTILES = (50, 90, 95, 99)
+KEPT_UP = 0.95
+BACKLOG_CODE = "CLIENT_BACKLOG"  # open loop: not sent, too many were unanswered (the engine)
+UNANSWERED_CODE = "UNANSWERED"  # still waiting for its answer when the level ended
 
 
 @dataclass(frozen=True)
@@ -113,6 +121,8 @@ class LevelResult:
     latency_ms: dict[str, float | None]
     errors: dict[str, int]
     error_count: int
+    error_details: dict[str, str]
+    kept_up: bool | None  # at a request rate: answered at least KEPT_UP of it
     server_us: dict[str, float] | None
     client: dict[str, float]
 
@@ -138,20 +148,27 @@ def summarize(
     inferences_per_request: int,
     server: ServerSplit | None,
     stable: bool | None,
+    *,
+    windows_run: int,
+    errors: Counter[str],
+    details: dict[str, str],
 ) -> LevelResult:
+    """`windows` are the kept ones; `errors` and their `details`, the whole level's."""
     seconds = sum(w.seconds for w in windows)
     latencies = [ns for w in windows for ns in w.latencies_ns]
-    errors: Counter[str] = Counter()
+    in_windows: Counter[str] = Counter()
     for w in windows:
-        errors.update(w.errors)
+        in_windows.update(w.errors)
     requests = len(latencies)
     cpu_ns = sum(w.cpu_ns for w in windows)
-    sent = requests + errors.total()
+    sent = requests + in_windows.total()
+    answered = requests + in_windows.total() - in_windows[BACKLOG_CODE]
+    kept_up = answered / seconds >= KEPT_UP * level.rate if level.rate and seconds else None
     return LevelResult(
         concurrency=level.concurrency or None,
         request_rate=level.rate or None,
         poisson=level.poisson,
-        windows=len(windows),
+        windows=windows_run,
         stable=stable,
         seconds=round(seconds, 3),
         requests=requests,
@@ -161,6 +178,8 @@ def summarize(
         latency_ms=latency_ms(latencies),
         errors=dict(sorted(errors.items())),
         error_count=errors.total(),
+        error_details={code: details.get(code, "") for code in sorted(errors)},
+        kept_up=kept_up,
         server_us=None if server is None else asdict(server),
         client={
             "cpu_us_per_request": round(cpu_ns / sent / 1e3, 1) if sent else 0.0,
@@ -207,6 +226,8 @@ def table(results: Sequence[LevelResult]) -> str:
 CSV_FIELDS = [
     "concurrency",
     "request_rate",
+    "poisson",
+    "kept_up",
     "inferences_per_s",
     "requests_per_s",
     "p50_ms",
@@ -235,6 +256,8 @@ def csv_row(r: LevelResult) -> dict[str, object]:
     row: dict[str, object] = {
         "concurrency": r.concurrency or "",
         "request_rate": r.request_rate or "",
+        "poisson": r.poisson if r.request_rate else "",
+        "kept_up": "" if r.kept_up is None else r.kept_up,
         "inferences_per_s": r.inferences_per_s,
         "requests_per_s": r.requests_per_s,
         "error_count": r.error_count,

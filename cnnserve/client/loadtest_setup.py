@@ -121,7 +121,8 @@ def channel_factory(connection: Connection) -> ChannelFactory:
 
 
 def stats_reader(stub: Any, metadata: Any, model: str, version: str) -> StatsReader:
-    """ModelStatistics snapshots; None from the first failure on (e.g. UNIMPLEMENTED)."""
+    """ModelStatistics snapshots; None where one failed (a model reloading, say), and
+    from the first UNIMPLEMENTED on (a server without the statistics extension)."""
     working = True
 
     async def read() -> StatsSnapshot | None:
@@ -130,9 +131,9 @@ def stats_reader(stub: Any, metadata: Any, model: str, version: str) -> StatsRea
             return None
         request = pb.ModelStatisticsRequest(name=model, version=version)
         try:
-            response = await stub.ModelStatistics(request, timeout=10, metadata=metadata)
-        except grpc.aio.AioRpcError:
-            working = False
+            response = await stub.ModelStatistics(request, timeout=5, metadata=metadata)
+        except grpc.aio.AioRpcError as exc:
+            working = exc.code() != grpc.StatusCode.UNIMPLEMENTED
             return None
         return StatsSnapshot.from_response(response, model, version)
 
