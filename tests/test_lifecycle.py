@@ -503,7 +503,7 @@ def test_open_streams_end_unavailable_at_sigterm_instead_of_holding_the_grace_pe
     from cnnserve.v1 import classification_pb2_grpc as cgrpc
     from tests.tiny import write_tiny_image
 
-    write_slow(tmp_path / "repo", "slow", SLOW_CONFIG, layers=48, width=2048)
+    write_slow(tmp_path / "repo", "slow", SLOW_CONFIG, layers=96, width=2048)
     write_tiny_image(tmp_path / "repo")
     png = io.BytesIO()
     Image.new("L", (8, 8), 128).save(png, format="PNG")
@@ -523,7 +523,7 @@ def test_open_streams_end_unavailable_at_sigterm_instead_of_holding_the_grace_pe
         stub = rpc.GRPCInferenceServiceStub(channel)
         metrics = re.search(r"metrics (http://\S+)", child.log())
         assert metrics
-        infer = stub.ModelStreamInfer(then_idle(*[ones_request("slow")] * 20), timeout=60)
+        infer = stub.ModelStreamInfer(then_idle(*[ones_request("slow")] * 40), timeout=60)
         classify = cgrpc.ImageClassifierStub(channel).ClassifyStream(
             then_idle(cpb.ClassifyRequest(model_name="pixels", images=[png.getvalue()])),
             timeout=60,
@@ -541,8 +541,14 @@ def test_open_streams_end_unavailable_at_sigterm_instead_of_holding_the_grace_pe
             done = stats.model_stats[0].inference_count
             return done + int(float(pending.group(1))), int(float(pending.group(1)))
 
-        wait_for(lambda: read_so_far()[0] == 20)
-        assert read_so_far()[1] > 0  # some are in flight at the signal
+        samples = [read_so_far()]
+
+        def all_read() -> bool:
+            samples.append(read_so_far())
+            return samples[-1][0] == 40
+
+        wait_for(all_read)
+        assert samples[-1][1] > 0  # some are in flight at the signal
         started = time.monotonic()
         child.process.send_signal(signal.SIGTERM)
         answers: list[pb.ModelStreamInferResponse] = []
@@ -554,5 +560,5 @@ def test_open_streams_end_unavailable_at_sigterm_instead_of_holding_the_grace_pe
         assert child.process.wait(60) == 0, child.log()
         hold.set()
     assert time.monotonic() - started < 10, child.log()
-    assert len(answers) == 19
+    assert len(answers) == 39
     assert not any(answer.error_message for answer in answers)
