@@ -12,11 +12,12 @@ numpy and Pillow only: the server imports this module and has no torch.
 from __future__ import annotations
 
 import io
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags, Image
 
 _INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
@@ -85,18 +86,40 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(part) for part in text.split(","))
 
 
+# EXIF Orientation (TIFF tag 274): how to turn the stored pixels to show the photo upright.
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
 # Grayscale modes PIL opens 16-bit PNGs in: 0..65535, which `convert` clips at 255.
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _orientation(image: Image.Image) -> Image.Transpose | None:
+    """How to turn the image upright: cameras and phones store a photo as the sensor saw
+    it and say in EXIF how to turn it for display, and the model is to see it as a viewer
+    does. EXIF that cannot be read, or an orientation that is no number from 2 to 8,
+    leaves the image as stored, as viewers do."""
+    try:
+        value = image.getexif().get(ExifTags.Base.Orientation)
+    except (SyntaxError, ValueError, TypeError, KeyError, OSError, struct.error):
+        return None
+    return _UPRIGHT.get(value) if isinstance(value, int) else None
 
 
 def to_unit(image: Image.Image | bytes, params: PreprocessParams) -> np.ndarray:
     """Decode, convert, resize and crop; float32 CHW pixels in [0, 1], not yet normalised."""
     if isinstance(image, bytes | bytearray | memoryview):
         image = Image.open(io.BytesIO(image))
-    # Cameras and phones store a photo as the sensor saw it and say in EXIF how to turn it
-    # for display; the model is to see it as a viewer does.
-    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
-        image = ImageOps.exif_transpose(image)
+    turn = _orientation(image)
+    if turn is not None:
+        image = image.transpose(turn)
     if image.mode in _SIXTEEN_BIT:  # PIL's convert would clip every value over 255
         wide = np.asarray(image, dtype=np.float64)
         image = Image.fromarray(np.rint(wide / 257.0).clip(0, 255).astype(np.uint8), "L")

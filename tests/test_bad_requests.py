@@ -497,3 +497,49 @@ def test_a_stream_whose_answers_are_not_read_stops_being_read(tmp_path: Path) ->
         computed = running.server.registry.get("wide").stats.inference_count
         assert computed < 2 * STREAM_WINDOW, computed
         assert sum(1 for _ in stream) == sent  # and, read, every answer comes
+
+
+def test_phone_photos_classify_whatever_their_exif_or_extra_pictures(tmp_path: Path) -> None:
+    """A JPEG whose EXIF says to turn it but holds a malformed tag beside that (the turn
+    used to rewrite the EXIF and fail INTERNAL, ending a ClassifyStream), and a JPEG with
+    more pictures after it (MPO, as phone cameras write), classify as their upright twin."""
+    import io
+
+    from PIL import Image
+
+    from cnnserve.v1 import classification_pb2 as cpb
+    from cnnserve.v1 import classification_pb2_grpc as crpc
+    from tests.tiny import write_tiny_image
+
+    upright = Image.new("L", (8, 8), 250)
+    upright.paste(0, (0, 0, 8, 3))  # a dark band at the top
+
+    def encoded(image: Image.Image, fmt: str, **options: object) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, fmt, quality=100, **options)
+        return buffer.getvalue()
+
+    # TIFF IFD0 with two entries: ImageWidth (0x0100) stored as ASCII text, which it
+    # never is, and Orientation (0x0112) 6: turn 90 degrees clockwise to view.
+    ifd = struct.pack("<H", 2) + struct.pack("<HHII", 0x0100, 2, 6, 38)
+    ifd += struct.pack("<HHIHH", 0x0112, 3, 1, 6, 0) + struct.pack("<I", 0)
+    exif = b"Exif\x00\x00" + b"II*\x00" + struct.pack("<I", 8) + ifd + b"Canon\x00"
+    stored = encoded(upright.transpose(Image.Transpose.ROTATE_90), "JPEG")
+    turned = stored[:2] + b"\xff\xe1" + struct.pack(">H", len(exif) + 2) + exif + stored[2:]
+    mpo = encoded(upright, "MPO", save_all=True, append_images=[Image.new("L", (8, 8))])
+    assert Image.open(io.BytesIO(mpo)).format == "MPO"
+
+    def ask(image: bytes) -> cpb.ClassifyRequest:
+        return cpb.ClassifyRequest(model_name="pixels", images=[image], top_k=3)
+
+    write_tiny_image(tmp_path)
+    with server_in_thread(tmp_path) as running, grpc.insecure_channel(running.url) as channel:
+        stub = crpc.ImageClassifierStub(channel)
+        want = stub.Classify(ask(encoded(upright, "JPEG")), timeout=30).results[0]
+        for image in (turned, mpo):
+            got = stub.Classify(ask(image), timeout=30).results[0]
+            assert [c.index for c in got.classes] == [c.index for c in want.classes]
+            for a, b in zip(got.classes, want.classes, strict=True):
+                assert a.score == pytest.approx(b.score, abs=0.02)
+        answers = list(stub.ClassifyStream(iter([ask(turned)] * 3), timeout=30))
+        assert [a.error_code for a in answers] == ["", "", ""]

@@ -304,11 +304,12 @@ def test_a_request_timeout_fails_at_its_time_not_after_the_running_batch(
     tmp_path: Path,
 ) -> None:
     """The `timeout` parameter is the server's to keep (gRPC keeps only its own
-    deadlines): a request queued behind a long batch fails when its time is up."""
+    deadlines): a request queued behind a long batch fails when its time is up, and,
+    like one cancelled there, leaves the queue (and the pending count) at once."""
     model = write_slow(tmp_path, "slower", "", layers=48, width=2048) / "1" / "model.onnx"
     slower = Runner(model, RunnerOptions(device="cpu"), label="slower")
 
-    async def scenario() -> tuple[float, float, object]:
+    async def scenario() -> tuple[float, float, object, list[int]]:
         batcher = Batcher([slower], ["y"], BatchingOptions(max_batch_size=512))
         batcher.start()
         long = asyncio.create_task(batcher.submit(rows(512), 512))
@@ -320,15 +321,23 @@ def test_a_request_timeout_fails_at_its_time_not_after_the_running_batch(
         except DeadlineExceeded as exc:
             error = exc
         failed_s = time.monotonic() - began
+        pending = [batcher.pending]  # the long batch alone
+        cancelled = asyncio.create_task(batcher.submit(rows(1), 1))
+        await asyncio.sleep(0)
+        pending.append(batcher.pending)
+        cancelled.cancel()
+        await asyncio.gather(cancelled, return_exceptions=True)
+        pending.append(batcher.pending)
         await long
         batch_s = time.monotonic() - began
         await batcher.close()
-        return failed_s, batch_s, error
+        return failed_s, batch_s, error, pending
 
     try:
-        failed_s, batch_s, error = asyncio.run(scenario())
+        failed_s, batch_s, error, pending = asyncio.run(scenario())
     finally:
         slower.close()
     assert batch_s > 0.2, "the batch must outlast the timeout for this test to mean anything"
     assert failed_s < batch_s / 2, (failed_s, batch_s)
     assert "timed out while queued" in str(error)
+    assert pending == [1, 2, 1]

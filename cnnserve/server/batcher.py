@@ -109,8 +109,9 @@ class Batcher:
 
         A request still queued at its deadline fails when the batcher next looks at the
         queue, which may be after a running batch; with `expire`, it fails at the
-        deadline itself. gRPC ends calls at their own deadlines; `expire` is for the
-        request's `timeout` parameter, which only the server keeps.
+        deadline itself. gRPC ends calls at their own deadlines (cancelling the caller);
+        `expire` is for the request's `timeout` parameter, which only the server keeps.
+        Either way its place in the queue is free at once.
         """
         if self._closing:
             raise ModelNotReady("the model version is being unloaded")
@@ -124,13 +125,18 @@ class Batcher:
         self._queue.append(job)
         self._queued_rows += rows
         self._wakeup.set()
-        if not expire or deadline_ns is None:
-            return await job.future
-        timer = asyncio.get_running_loop().call_later((deadline_ns - now) / 1e9, self._expire, job)
+        timer = None
+        if expire and deadline_ns is not None:
+            delay = (deadline_ns - now) / 1e9
+            timer = asyncio.get_running_loop().call_later(delay, self._expire, job)
         try:
             return await job.future
+        except asyncio.CancelledError:
+            self._forget(job)
+            raise
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
 
     async def close(self) -> None:
         """Stop taking requests, finish every queued and executing one, then return."""
@@ -239,10 +245,24 @@ class Batcher:
             if job.taken:  # its first part was launched, its last never will be
                 self._executing -= 1
 
-    @staticmethod
-    def _expire(job: _Job) -> None:
+    def _expire(self, job: _Job) -> None:
         if job.taken < job.rows and not job.future.done():  # rows still queued: not run
             job.future.set_exception(DeadlineExceeded("timed out while queued"))
+            self._forget(job)
+
+    def _forget(self, job: _Job) -> None:
+        """Take a request that will not run out of the queue now, rather than when the
+        batcher next looks (after a running batch): its place and its count in `pending`
+        are free at once."""
+        if job.taken == job.rows:
+            return  # all its rows are in batches already
+        try:
+            self._queue.remove(job)
+        except ValueError:
+            return  # dropped already
+        self._queued_rows -= job.rows - job.taken
+        if job.taken:  # its first part was launched, its last never will be
+            self._executing -= 1
 
     def _take(self, limit: int) -> list[_Slice]:
         batch: list[_Slice] = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +39,8 @@ from cnnserve.server.servicer import deadline_ns, too_large
 from cnnserve.server.status import rpc
 from cnnserve.v1 import classification_pb2 as pb
 from cnnserve.v1 import classification_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TOP_K = 5
 
@@ -72,7 +75,9 @@ def _decode(index: int, data: bytes, params: PreprocessParams, limits: ImageLimi
                     f"{params.resize} on its shorter side it would be over the "
                     f"{limits.max_pixels}-pixel limit"
                 )
-            if image.format not in {"JPEG", "PNG", "WEBP", "BMP"}:
+            # MPO: a JPEG with more pictures after it (phone cameras write them); the
+            # first is the photo.
+            if image.format not in {"JPEG", "MPO", "PNG", "WEBP", "BMP"}:
                 raise InvalidInput(f"image {index}: {image.format} is not JPEG, PNG, WebP or BMP")
             image.load()
             return preprocess(image, params)
@@ -198,14 +203,24 @@ class ClassifierServicer(classification_pb2_grpc.ImageClassifierServicer):
             async for request in self.drain.requests(request_iterator):
                 try:
                     answer = await self.classify(request, context)
-                    yield pb.ClassifyStreamResponse(response=answer)
                 except CnnserveError as exc:
-                    failed = pb.ClassifyStreamResponse(error_code=exc.code, error_message=str(exc))
-                    failed.response.model_name = request.model_name
-                    failed.response.id = request.id
-                    yield failed
+                    yield _stream_error(request, exc.code, str(exc))
+                except Exception:  # a bug: this request fails, as a unary call would
+                    log.exception("stream classification failed")
+                    yield _stream_error(request, "INTERNAL", "internal error; see the server log")
+                else:
+                    yield pb.ClassifyStreamResponse(response=answer)
         except DecodeError as exc:
             why = f"a stream message is not a ClassifyRequest ({exc})"
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, why)
         except ServerDraining as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+
+
+def _stream_error(
+    request: pb.ClassifyRequest, code: str, message: str
+) -> pb.ClassifyStreamResponse:
+    failed = pb.ClassifyStreamResponse(error_code=code, error_message=message)
+    failed.response.model_name = request.model_name
+    failed.response.id = request.id
+    return failed
