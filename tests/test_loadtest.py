@@ -96,6 +96,7 @@ def test_levels_print_a_table_and_write_json_and_csv(
         (["--csv", "{tmp}/no/such/folder/out.csv"], "out.csv: cannot write there"),
         (["--json", "{tmp}"], "cannot write there"),
         (["--plot", "{tmp}/out.txt"], "out.txt: name a "),
+        (["--plot", "{tmp}/out.pgf"], "out.pgf: name a "),  # needs LaTeX to draw
     ],
 )
 def test_settings_that_cannot_run_are_refused_before_measuring(
@@ -200,6 +201,7 @@ def test_request_rate_sends_on_schedule(server: Running, tmp_path: Path) -> None
     assert level["concurrency"] is None
     assert (level["request_rate"], level["poisson"]) == (200, True)
     assert 100 <= level["requests_per_s"] <= 300
+    assert level["kept_up"] is True  # Poisson's uneven arrivals are no backlog
 
 
 def test_errors_before_the_kept_windows_are_reported_too(

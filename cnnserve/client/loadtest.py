@@ -245,20 +245,36 @@ def run(args: argparse.Namespace) -> int:
         connection = _connection(args)
         header, results = asyncio.run(loadtest(connection, args, levels, policy, progress))
     except (SetupError, ValueError, OSError) as exc:
+        _clear(progress)
         fail("loadtest", str(exc))
         return 2
     except KeyboardInterrupt:
+        _clear(progress)
         fail("loadtest", "interrupted; nothing written")
         return 130
-    finally:
-        if progress is not None:
-            progress("")
+    _clear(progress)
+    try:
+        return _report(args, header, results, len(levels))
+    except KeyboardInterrupt:
+        fail("loadtest", "interrupted while writing the outputs")
+        return 130
+
+
+def _clear(progress: Progress | None) -> None:
+    if progress is not None:
+        progress("")
+
+
+def _report(
+    args: argparse.Namespace, header: dict[str, Any], results: list[LevelResult], levels: int
+) -> int:
+    """Print the table and notes, write the outputs; the exit status."""
     print(
         f"{header['model']} on {header['server']} at {header['url']}: {header['mode']}, batch "
         f"{header['batch_size']}, {header['request_bytes']:,}-byte requests"
     )
     print(table(results))
-    for line in notes(results, len(levels)):
+    for line in notes(results, levels):
         print(line)
     written = _write(args, header, results)
     if not any(r.requests or r.error_count for r in results):
@@ -295,11 +311,10 @@ def notes(results: Sequence[LevelResult], levels: int) -> list[str]:
                 lines.append(f"{code} (first at {r.label}): {details or '(no message)'}")
     for r in results:
         if r.kept_up is False:
-            answered = r.requests_per_s
             lines.append(
-                f"at {r.label} the server answered {answered:,.1f} requests/s: it did not keep "
-                "up, so requests queued without end and the latency figures, of the requests "
-                "answered within the windows, understate it"
+                f"at {r.label} the server answered {r.requests_per_s:,.1f} requests/s with "
+                "success, fewer than were sent: requests queued without end (or failed), and "
+                "the latency figures, of those answered within the windows, understate it"
             )
     if len(results) < levels:
         lines.append(

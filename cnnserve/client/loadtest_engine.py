@@ -88,6 +88,7 @@ class Window:
     latencies_ns: list[int]
     errors: Counter[str]
     cpu_ns: int
+    due: int = 0  # open loop: requests due to be sent in the window
 
 
 @dataclass
@@ -96,6 +97,7 @@ class _Recorder:
     cpu_ns: int = field(default_factory=time.process_time_ns)
     latencies_ns: list[int] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
+    due: int = 0
 
 
 ChannelFactory = Callable[[int], grpc.aio.Channel]
@@ -142,6 +144,7 @@ class Engine:
         self._tasks: list[asyncio.Task[None]] = []
         self._outstanding: set[asyncio.Task[None]] = set()
         self._scheduler = False  # whether _tasks is the open loop's scheduler
+        self._unanswered = ""
         self._running = False
 
     def _calls(self, count: int) -> list[Any]:
@@ -180,14 +183,16 @@ class Engine:
             latencies_ns=old.latencies_ns,
             errors=old.errors,
             cpu_ns=self._recorder.cpu_ns - old.cpu_ns,
+            due=old.due,
         )
 
     async def stop(self, grace: float = 30.0) -> None:
-        """Send nothing more; give requests in flight `grace` seconds (at most the call
-        timeout), then cancel them, counting them UNANSWERED."""
+        """Send nothing more; give requests in flight `grace` seconds (at most a moment
+        past the call timeout), then cancel them, counting them UNANSWERED."""
         self._running = False
         if self._timeout is not None:
-            grace = min(grace, self._timeout)
+            grace = min(grace, self._timeout + 1.0)
+        self._unanswered = f"no answer when the level ended, {grace:g} s after its last request"
         if self._scheduler:  # the open loop's: it only waits for the next due time
             for task in self._tasks:
                 task.cancel()
@@ -214,6 +219,7 @@ class Engine:
         except asyncio.CancelledError:
             if not self._running:  # stop() gave up waiting for it
                 self.errors[UNANSWERED_CODE] += 1
+                self.details.setdefault(UNANSWERED_CODE, self._unanswered)
             raise
         self._recorder.latencies_ns.append(time.perf_counter_ns() - started_ns)
 
@@ -234,6 +240,7 @@ class Engine:
             if wait > 0:
                 await asyncio.sleep(wait / 1e9)
                 continue
+            self._recorder.due += 1
             if len(self._outstanding) >= MAX_OUTSTANDING:
                 self._error(BACKLOG_CODE, f"over {MAX_OUTSTANDING} requests were unanswered")
             else:
@@ -306,7 +313,9 @@ async def measure(
                 is_stable = True
                 break
     finally:
-        await engine.stop()
+        task = asyncio.current_task()
+        interrupted = task is not None and task.cancelling()
+        await engine.stop(0 if interrupted else 30)  # interrupted: the figures are not kept
     kept = windows if policy.duration else windows[-3:]
     first, last = snapshots[-len(kept) - 1], snapshots[-1]
     server = last.since(first) if first is not None and last is not None else None
@@ -354,8 +363,8 @@ async def run_levels(
                 progress=progress,
             )
             results.append(result)
-            if not result.requests:  # nothing succeeded: the levels after would fare no better
-                break
+            if result.error_count and not result.requests:  # the levels after would fare no
+                break  # better
     finally:
         await engine.close()
     return results
