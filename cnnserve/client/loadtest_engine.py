@@ -294,16 +294,19 @@ async def measure(
     length = policy.duration or policy.window_secs
     trials = 1 if policy.duration else max(3, policy.max_trials)
     windows: list[Window] = []
+    # ModelStatistics at each window's edge, read beside the load: a server slow to answer
+    # it does not stretch the windows.
+    snapshots: list[asyncio.Future[StatsSnapshot | None]] = []
     engine.start(level)
     try:
         await asyncio.sleep(policy.warmup_secs)
         engine.cut()
-        snapshots = [await _snapshot(stats)]
+        snapshots.append(asyncio.ensure_future(_snapshot(stats)))
         is_stable: bool | None = None if policy.duration else False  # None: not checked
         for trial in range(1, trials + 1):
             await asyncio.sleep(length)
             windows.append(engine.cut())
-            snapshots.append(await _snapshot(stats))
+            snapshots.append(asyncio.ensure_future(_snapshot(stats)))
             if progress is not None:
                 w = windows[-1]
                 rate = len(w.latencies_ns) * inferences / w.seconds
@@ -315,9 +318,17 @@ async def measure(
     finally:
         task = asyncio.current_task()
         interrupted = task is not None and task.cancelling()
+        if interrupted:
+            for snapshot in snapshots:
+                snapshot.cancel()
         await engine.stop(0 if interrupted else 30)  # interrupted: the figures are not kept
     kept = windows if policy.duration else windows[-3:]
-    first, last = snapshots[-len(kept) - 1], snapshots[-1]
+    needed = (snapshots[-len(kept) - 1], snapshots[-1])
+    for snapshot in snapshots:
+        if snapshot not in needed:
+            snapshot.cancel()
+    await asyncio.gather(*snapshots, return_exceptions=True)
+    first, last = (snapshot.result() for snapshot in needed)
     server = last.since(first) if first is not None and last is not None else None
     return summarize(
         level,
