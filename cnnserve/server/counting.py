@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 from prometheus_client import Counter
 
-from cnnserve.server.metrics import Metrics
+from cnnserve.server.metrics import DEADLINE_SLACK_S, Metrics
 
 _UNKNOWN_METHODS = 32  # distinct unimplemented method names counted by name
 
@@ -121,7 +121,7 @@ class _Outcome:
         elif issubclass(kind, (asyncio.CancelledError, GeneratorExit)):
             # gRPC cancels the handler both when the client cancels and at the deadline.
             remaining = self._context.time_remaining()
-            late = remaining is not None and remaining <= 0
+            late = remaining is not None and remaining <= DEADLINE_SLACK_S
             code = grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.CANCELLED
         else:
             code = grpc.StatusCode.UNKNOWN

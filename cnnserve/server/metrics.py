@@ -41,6 +41,10 @@ DURATION_BUCKETS = (
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 VERSION_LABELS = ("model", "version")
+# A client's deadline reaches the server as a cancel a little before the server's own copy
+# of that deadline runs out (it started counting later): a cancel this close to the
+# deadline is counted as the deadline's.
+DEADLINE_SLACK_S = 0.05
 
 
 @dataclass(frozen=True)

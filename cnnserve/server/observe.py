@@ -17,7 +17,7 @@ from typing import Generic, Protocol, TypeVar
 
 from cnnserve.server.batcher import JobResult
 from cnnserve.server.errors import CnnserveError
-from cnnserve.server.metrics import VersionSeries
+from cnnserve.server.metrics import DEADLINE_SLACK_S, VersionSeries
 from cnnserve.server.runner import Timings
 from cnnserve.server.stats import VersionStats
 
@@ -57,6 +57,7 @@ class Measured(Protocol):
 
 
 M = TypeVar("M", bound=Measured)
+_SLACK_NS = int(DEADLINE_SLACK_S * 1e9)
 
 
 class Observe(Generic[M]):
@@ -95,7 +96,8 @@ class Observe(Generic[M]):
         if error is not None:
             outcome = _outcome(error)
             deadline = seen.deadline_ns
-            if outcome == "cancelled" and deadline is not None and time.monotonic_ns() >= deadline:
+            late = deadline is not None and time.monotonic_ns() >= deadline - _SLACK_NS
+            if outcome == "cancelled" and late:
                 outcome = "deadline_exceeded"  # gRPC cancels the call when its deadline passes
         else:  # a block that ends without `succeeded` is a bug, not a success
             outcome = "success" if seen.results else "internal"
