@@ -322,7 +322,7 @@ def plot(path: Path, title: str, results: Sequence[LevelResult]) -> None:
         ax.plot(x, [r.latency_ms[key] or 0.0 for r in kept], style, label=key)
     for r in kept:
         ax.annotate(
-            r.label,
+            f"c={r.label}" if r.concurrency else r.label,  # in flight, or requests/s
             (r.inferences_per_s, r.latency_ms["p99"] or 0.0),
             fontsize=8,
             textcoords="offset points",
