@@ -167,6 +167,29 @@ def test_health_reflection_and_unknown_methods_are_counted(traffic: Running) -> 
     assert value(m, "cnnserve_grpc_requests_total", method="(other)", code="UNIMPLEMENTED") >= 9
 
 
+def test_a_stream_idle_at_its_deadline_is_counted_as_the_client_saw_it(traffic: Running) -> None:
+    """The handler waiting for the next request sees the stream end at the deadline, as if
+    the client had closed it; the client has DEADLINE_EXCEEDED, and so must the count."""
+    from cnnserve.v1 import classification_pb2 as cpb
+    from cnnserve.v1 import classification_pb2_grpc as crpc
+
+    def one_then_idle() -> Iterator[cpb.ClassifyRequest]:
+        yield cpb.ClassifyRequest(model_name="tiny", images=[b"x"])  # answered in the stream
+        time.sleep(2)
+
+    labels = {"method": "ClassifyStream", "code": "DEADLINE_EXCEEDED"}
+    before = scrape(traffic).get("cnnserve_grpc_requests_total", [])
+    with grpc.insecure_channel(traffic.url) as channel:
+        stream = crpc.ImageClassifierStub(channel).ClassifyStream(one_then_idle(), timeout=0.5)
+        assert next(stream).error_code == "FAILED_PRECONDITION"
+        with pytest.raises(grpc.RpcError) as ended:
+            next(stream)
+        assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert not [s for s in before if labels.items() <= s.labels.items()]
+    time.sleep(0.2)  # the server notes the end a moment after the client
+    assert value(scrape(traffic), "cnnserve_grpc_requests_total", **labels) == 1
+
+
 def test_unloaded_model_leaves_no_series(traffic: Running) -> None:
     client = tc.InferenceServerClient(traffic.url)
     client.unload_model("tiny")

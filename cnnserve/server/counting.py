@@ -116,11 +116,15 @@ class _Outcome:
         return None
 
     def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
-        if kind is None or issubclass(kind, grpc.aio.AbortError):
+        remaining = self._context.time_remaining()
+        if kind is None and remaining is not None and remaining <= 0:
+            # Ended past its deadline, so the client has DEADLINE_EXCEEDED: a stream handler
+            # waiting for its next request sees the stream end then, as if closed.
+            code = grpc.StatusCode.DEADLINE_EXCEEDED
+        elif kind is None or issubclass(kind, grpc.aio.AbortError):
             code = _final_code(self._context)
         elif issubclass(kind, (asyncio.CancelledError, GeneratorExit)):
             # gRPC cancels the handler both when the client cancels and at the deadline.
-            remaining = self._context.time_remaining()
             late = remaining is not None and remaining <= DEADLINE_SLACK_S
             code = grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.CANCELLED
         else:
