@@ -253,7 +253,8 @@ def test_both_log_formats_carry_the_request_fields() -> None:
 
 def test_a_reload_of_the_same_version_keeps_counting_in_its_series(tmp_path: Path) -> None:
     """The reloaded copy of version 1 takes over the series while the copy it replaces
-    drains; that drain used to delete them for good."""
+    drains; that drain used to delete them for good. ModelStatistics, which started again
+    from 0, goes on counting with them."""
     write_tiny(tmp_path)
     with server_in_thread(tmp_path, model_control_mode="explicit", load_model=("tiny",)) as srv:
         client = tc.InferenceServerClient(srv.url)
@@ -266,8 +267,11 @@ def test_a_reload_of_the_same_version_keeps_counting_in_its_series(tmp_path: Pat
         assert not srv.server.registry._retiring
         for rows in (1, 1, 2, 2):
             infer(client, rows)
+        stats = client.get_inference_statistics("tiny").model_stats[0]
         client.close()
         m = scrape(srv)
         assert value(m, "cnnserve_inference_requests_total", **TINY, outcome="success") == 7
         assert value(m, "cnnserve_inference_request_duration_seconds_count", **TINY) == 7
         assert value(m, "cnnserve_inference_batch_size_sum", **TINY) == 12
+        assert stats.inference_stats.success.count == 7
+        assert stats.inference_count == 12

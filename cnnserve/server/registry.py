@@ -161,6 +161,9 @@ class Registry:
                 log.exception("loading %s version %d failed", model.name, version)
                 failed[version] = f"{type(exc).__name__}: {exc}"
                 continue
+            replaced = model.versions.get(version)
+            if replaced is not None:  # counted on, as its metric series are (ModelStatistics)
+                loaded.stats = replaced.stats
             loaded.start(self._metrics)
             fresh[version] = loaded
             log.info(
