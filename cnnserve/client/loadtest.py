@@ -302,7 +302,7 @@ def _write(args: argparse.Namespace, header: dict[str, Any], results: list[Level
 
 def notes(results: Sequence[LevelResult], levels: int) -> list[str]:
     """What the table cannot say: each error code's first message, a rate the server did
-    not keep up with, and levels skipped after one where nothing succeeded."""
+    not keep up with, and levels skipped after one where every request failed."""
     lines, seen = [], set()
     for r in results:
         for code, details in r.error_details.items():
@@ -318,7 +318,7 @@ def notes(results: Sequence[LevelResult], levels: int) -> list[str]:
             )
     if len(results) < levels:
         lines.append(
-            f"no request succeeded at {results[-1].label}; the {levels - len(results)} "
+            f"every request failed at {results[-1].label}; the {levels - len(results)} "
             "level(s) after it were not measured"
         )
     return lines

@@ -374,8 +374,8 @@ async def run_levels(
                 progress=progress,
             )
             results.append(result)
-            if result.error_count and not result.requests:  # the levels after would fare no
-                break  # better
+            if result.error_count and not result.requests:
+                break  # every request failed: the levels after would fare no better
     finally:
         await engine.close()
     return results

@@ -7,9 +7,9 @@ A level's figures come from the windows it kept (the last three when stable):
   success all but 5% (or 5 requests) of those due in the windows. When it did
   not, requests queue without end (or fail), and the percentiles, of those
   answered within the windows, understate the latency;
-errors are the exception: those of the whole level are reported, warm-up and
-windows not kept included, by gRPC status code (plus CLIENT_BACKLOG and
-UNANSWERED, see the engine), with the first message of each code;
+- errors by gRPC status code (plus CLIENT_BACKLOG and UNANSWERED, see the
+  engine), with the first message of each code: unlike the rest, those of the
+  whole level, warm-up and windows not kept included;
 - the server-side split, in microseconds per request: the differences of
   the cumulative ModelStatistics (Triton's semantics: `success` is the whole
   request inside the server, then `queue`, `compute_input`, `compute_infer`
@@ -124,7 +124,7 @@ class LevelResult:
     errors: dict[str, int]
     error_count: int
     error_details: dict[str, str]
-    kept_up: bool | None  # at a request rate: answered at least KEPT_UP of it
+    kept_up: bool | None  # at a request rate: see the module's doc; else None
     server_us: dict[str, float] | None
     client: dict[str, float]
 
