@@ -241,9 +241,7 @@ class Batcher:
             if not job.future.done():
                 return
             self._queue.popleft()
-            self._queued_rows -= job.rows - job.taken
-            if job.taken:  # its first part was launched, its last never will be
-                self._executing -= 1
+            self._left_queue(job)
 
     def _expire(self, job: _Job) -> None:
         if job.taken < job.rows and not job.future.done():  # rows still queued: not run
@@ -260,6 +258,10 @@ class Batcher:
             self._queue.remove(job)
         except ValueError:
             return  # dropped already
+        self._left_queue(job)
+
+    def _left_queue(self, job: _Job) -> None:
+        """Account for a request taken out of the queue unrun (or only partly run)."""
         self._queued_rows -= job.rows - job.taken
         if job.taken:  # its first part was launched, its last never will be
             self._executing -= 1

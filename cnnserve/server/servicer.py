@@ -197,15 +197,13 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             log_rate=self.request_log_rate,
         ) as (model, seen):
             decoded = model.decoder.decode(request)
-            # gRPC's deadline: a cancel after it is counted a timeout. The request's own
-            # timeout, if sooner, applies to its wait in the queue.
-            seen.deadline_ns = deadline = deadline_ns(context, None)
-            timeout_us = decoded.timeout_us or model.default_timeout_us
-            if timeout_us:
-                limit = time.monotonic_ns() + timeout_us * 1000
-                deadline = limit if deadline is None else min(deadline, limit)
+            seen.deadline_ns = deadline_ns(context, None)  # a cancel after it is a timeout
+            timeout_us = decoded.timeout_us or model.default_timeout_us  # the queue's own
             result = await model.infer(
-                decoded.inputs, decoded.rows, deadline, expire=bool(timeout_us)
+                decoded.inputs,
+                decoded.rows,
+                deadline_ns(context, timeout_us),
+                expire=bool(timeout_us),
             )
             response = pb.ModelInferResponse(
                 model_name=model.name, model_version=str(model.version), id=request.id
